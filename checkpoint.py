@@ -1,0 +1,158 @@
+"""Self-contained, atomically written checkpoints.
+
+A checkpoint is a directory (e.g. checkpoint/pretrain/) holding:
+  model.safetensors   the weights (safetensors: loading never unpickles code)
+  config.json         the ModelConfig
+  run.json            stage, step, the checkpoint it started from, the training config
+  tokenizer.tiktoken, tokenizer_config.json   the tokenizer, so the directory stands alone
+  train_state.pt      optimizer, grad scaler, RNG states and data position, for --resume
+  metrics.jsonl       the training log, appended as the run goes
+
+It is written into `<dir>.tmp` and swapped in with renames, so a crash while saving leaves the previous
+checkpoint whole (at worst as `<dir>.old`, which the next load or save puts back).
+"""
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from configs import ModelConfig
+
+WEIGHTS = "model.safetensors"
+
+
+def _recover(directory: Path) -> None:
+    """Put back `<dir>.old` if a save crashed between its two renames."""
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and old.exists():
+        os.replace(old, directory)
+
+
+def write_json(path, obj) -> None:
+    """Write JSON atomically (temp file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights to save: contiguous copies, the tied output head left out (it is the embedding)."""
+    state = model.state_dict()
+    if getattr(model.config, "tie_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: dict | None = None,
+                    extra_files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Atomically (re)write the checkpoint directory. extra_files maps file names to tensors to save."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _recover(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt"})
+    for name, tensors in (extra_files or {}).items():
+        save_file(tensors, tmp / name, metadata={"format": "pt"})
+    write_json(tmp / "config.json", asdict(model.config))
+    write_json(tmp / "run.json", run_info)
+    tokenizer.save_pretrained(tmp)
+    if train_state is not None:
+        torch.save(train_state, tmp / "train_state.pt")
+    if (directory / "metrics.jsonl").exists():
+        shutil.copy2(directory / "metrics.jsonl", tmp / "metrics.jsonl")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+    return directory
+
+
+def _checked_dir(directory) -> Path:
+    directory = Path(directory)
+    _recover(directory)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory}: no checkpoint here (config.json missing)")
+    return directory
+
+
+def load_model_config(directory) -> ModelConfig:
+    path = _checked_dir(directory) / "config.json"
+    try:
+        return ModelConfig(**json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a valid model config ({e})") from None
+
+
+def load_run_info(directory) -> dict:
+    path = _checked_dir(directory) / "run.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def read_tensors(path) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, with a one-line error if it is missing or broken."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several error types for a damaged file
+        raise ValueError(f"{path}: cannot read weights ({e})") from None
+
+
+def check_state_matches(model_state: dict, loaded: dict, source: str) -> None:
+    """Raise one line naming the file if any weight is missing, unexpected or of another shape.
+
+    This is what `load_state_dict(strict=False)` would silently skip (a model that trains from random
+    weights while the user thinks it was loaded).
+    """
+    missing = [k for k in model_state if k not in loaded]
+    unexpected = [k for k in loaded if k not in model_state]
+    mismatched = [f"{k} {tuple(loaded[k].shape)} vs model {tuple(model_state[k].shape)}"
+                  for k in loaded if k in model_state and loaded[k].shape != model_state[k].shape]
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+        if names:
+            problems.append(f"{label}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)})")
+    if problems:
+        raise ValueError(f"{source}: weights do not match the model: {'; '.join(problems)}")
+
+
+def load_weights(model: torch.nn.Module, directory, device="cpu") -> None:
+    """Load model.safetensors into model, checking that every weight is found and matches."""
+    path = _checked_dir(directory) / WEIGHTS
+    loaded = read_tensors(path)
+    if model.config.tie_embeddings and "embed.weight" in loaded:
+        loaded.setdefault("lm_head.weight", loaded["embed.weight"])  # saved once, shared by both
+    check_state_matches(model.state_dict(), loaded, str(path))
+    model.load_state_dict(loaded, strict=True)
+
+
+def load_train_state(directory) -> dict:
+    path = _checked_dir(directory) / "train_state.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing, so this run cannot be resumed")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint(root="checkpoint", stages: tuple[str, ...] | None = None) -> Path | None:
+    """The most recently written checkpoint directory under root (among `stages` if given)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for d in root.iterdir():
+        if d.name.endswith(".old"):
+            _recover(d.with_name(d.name[:-4]))
+    names = stages if stages is not None else [d.name for d in root.iterdir()]
+    found = [root / n for n in names if (root / n / WEIGHTS).exists() and not n.endswith((".tmp", ".old"))]
+    return max(found, key=lambda d: (d / WEIGHTS).stat().st_mtime) if found else None

@@ -1,0 +1,172 @@
+"""Dataclass configs, named model presets, and a command line generated from the fields.
+
+Every field of a config dataclass becomes a flag: `--lr 3e-4`, `--n_layers 4`, `--compile false`.
+Its help text is the field's `metadata["help"]`, so `--help` lists every option with its default.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+
+
+def _help(text: str, **kwargs):
+    """A dataclass field with a help text for `--help`."""
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the GPT (Llama-style: RMSNorm, RoPE, GQA, SwiGLU)."""
+
+    vocab_size: int = _help("vocabulary size (taken from the tokenizer when training)", default=6400)
+    dim: int = _help("model width (embedding size)", default=512)
+    n_layers: int = _help("number of transformer blocks", default=8)
+    n_heads: int = _help("number of query heads", default=8)
+    n_kv_heads: int = _help("number of key/value heads (grouped-query attention; = n_heads for MHA)", default=2)
+    hidden_dim: int | None = _help("SwiGLU hidden size; None = 8/3 * dim rounded up to multiple_of", default=None)
+    multiple_of: int = _help("round the SwiGLU hidden size up to a multiple of this", default=64)
+    max_seq_len: int = _help("longest sequence the RoPE tables cover", default=1024)
+    rope_theta: float = _help("RoPE base frequency", default=1e6)
+    norm_eps: float = _help("RMSNorm epsilon", default=1e-5)
+    dropout: float = _help("dropout on attention weights and residual branches", default=0.0)
+    tie_embeddings: bool = _help("share the token embedding with the output head", default=True)
+    bias: bool = _help("use biases in the linear layers", default=False)
+    attn_impl: str = _help("attention: 'sdpa' (fast, torch's fused kernel) or 'manual' (readable)", default="sdpa")
+
+    def __post_init__(self):
+        if self.hidden_dim is None:
+            hidden = int(8 * self.dim / 3)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        self.validate()
+
+    def validate(self):
+        """Raise a one-line ValueError if the shape cannot work."""
+        if self.dim % self.n_heads:
+            raise ValueError(f"model config: dim={self.dim} is not divisible by n_heads={self.n_heads}")
+        if self.n_kv_heads > self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model config: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"model config: head size {self.dim // self.n_heads} must be even for RoPE")
+        if self.attn_impl not in ("sdpa", "manual"):
+            raise ValueError(f"model config: attn_impl={self.attn_impl!r} is not 'sdpa' or 'manual'")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+# Named presets. `tiny` trains in minutes on a laptop CPU; the others follow published models.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(dim=192, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=256),
+    # MiniMind2-Small, 26M parameters (jingyaogong/minimind).
+    "minimind2-small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=1024),
+    # MiniMind2, 104M parameters.
+    "minimind2": dict(dim=768, n_layers=16, n_heads=8, n_kv_heads=2, max_seq_len=1024),
+    # GPT-2 small's size (124M with its 50257 vocabulary), in the Llama layout.
+    "gpt2-124m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=1024, vocab_size=50304,
+                      rope_theta=1e4, tie_embeddings=True),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """The ModelConfig of preset `name`, with field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by every training stage (the Trainer base reads these)."""
+
+    preset: str = _help(f"model preset: {', '.join(PRESETS)} (model fields below override it); "
+                        "'auto' = tiny on CPU, minimind2-small on a GPU", default="auto")
+    data_dir: str = _help("prepared data directory (from prepare.py)", default="data/storyworld")
+    out_dir: str = _help("where checkpoints and metrics go; '' = checkpoint/<stage>", default="")
+    init_from: str = _help("checkpoint directory to start from; '' = the stage's default", default="")
+    resume: bool = _help("continue the run saved in out_dir (model, optimizer, RNG, data position)", default=False)
+    device: str = _help("'auto' (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps", default="auto")
+    dtype: str = _help("'auto' (bf16 on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU/MPS), "
+                       "or float32, bfloat16, float16", default="auto")
+    compile: str = _help("torch.compile the model: auto (CUDA on Linux), true or false", default="auto")
+    seed: int = _help("random seed (model init and data order)", default=1337)
+    batch_size: int = _help("sequences per micro-batch (per process)", default=16)
+    seq_len: int = _help("tokens per sequence; 0 = the model's max_seq_len", default=0)
+    grad_accum: int = _help("micro-batches per optimizer step (global batch = batch_size * grad_accum * world)",
+                            default=1)
+    max_steps: int = _help("optimizer steps to train", default=2000)
+    lr: float = _help("peak learning rate", default=1e-3)
+    min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-4)
+    warmup_steps: int = _help("linear warmup steps", default=100)
+    weight_decay: float = _help("AdamW weight decay (matrices only)", default=0.1)
+    beta1: float = _help("AdamW beta1", default=0.9)
+    beta2: float = _help("AdamW beta2", default=0.95)
+    grad_clip: float = _help("clip the global gradient norm to this; 0 = off", default=1.0)
+    grad_checkpoint: bool = _help("recompute activations in the backward pass to save memory", default=False)
+    eval_interval: int = _help("evaluate on the validation split every N steps", default=250)
+    eval_iters: int = _help("validation batches per evaluation", default=20)
+    log_interval: int = _help("print/log training metrics every N steps", default=10)
+    save_interval: int = _help("save a checkpoint every N steps (and at the end)", default=500)
+    wandb: bool = _help("log to Weights & Biases (set WANDB_MODE=offline without a network)", default=False)
+    wandb_project: str = _help("wandb project name", default="nanollm")
+
+
+def _flag_type(tp):
+    """The argparse converter for a dataclass field annotation."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:  # Optional[X] / X | None
+        inner = _flag_type(args[0])
+        return lambda s: None if s.lower() in ("none", "null") else inner(s)
+    if tp is bool:
+        def to_bool(s: str) -> bool:
+            if s.lower() in ("1", "true", "yes", "on"):
+                return True
+            if s.lower() in ("0", "false", "no", "off"):
+                return False
+            raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+        return to_bool
+    return tp
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str | None = None):
+    """Add one `--name` flag per field of dataclass `cls`, defaulting to None (meaning 'not given')."""
+    group = parser.add_argument_group(title or cls.__name__)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kwargs = dict(type=_flag_type(hints[f.name]), default=None, metavar=f.name.upper(),
+                      help=f"{f.metadata.get('help', '')} (default: {default})")
+        if hints[f.name] is bool:
+            kwargs.update(nargs="?", const=True)  # `--flag` alone means true
+        group.add_argument(f"--{f.name}", **kwargs)
+
+
+def parse_args(cls, argv: list[str] | None = None, description: str = ""):
+    """Parse the command line into an instance of dataclass `cls`."""
+    parser = argparse.ArgumentParser(description=description)
+    add_dataclass_args(parser, cls)
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    return cls(**{k: v for k, v in vars(ns).items() if v is not None})
+
+
+def parse_train_args(train_cls, argv: list[str] | None = None, description: str = ""):
+    """Parse a training stage's command line: its TrainConfig subclass plus ModelConfig overrides.
+
+    Returns (train_config, model_overrides), where model_overrides holds only the model fields given,
+    so that they can be applied on top of a preset or of the checkpoint being fine-tuned.
+    """
+    parser = argparse.ArgumentParser(description=description)
+    add_dataclass_args(parser, train_cls, "training")
+    add_dataclass_args(parser, ModelConfig, "model (override the preset's fields)")
+    ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
+    model_names = {f.name for f in dataclasses.fields(ModelConfig)}
+    train_kwargs = {k: v for k, v in ns.items() if v is not None and k not in model_names}
+    model_overrides = {k: v for k, v in ns.items() if v is not None and k in model_names}
+    return train_cls(**train_kwargs), model_overrides
+
+
+def config_to_json(cfg) -> str:
+    return json.dumps(dataclasses.asdict(cfg), indent=2)

@@ -1,0 +1,131 @@
+"""The training loop, checkpoints and resume, on a tiny model and data set."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+from configs import ModelConfig, TrainConfig, parse_train_args
+from model import GPT
+from tests.conftest import TINY_MODEL
+from trainers import PretrainTrainer
+
+
+def make_trainer(data_dir, out_dir, **train):
+    cfg = TrainConfig(**{**dict(data_dir=str(data_dir), out_dir=str(out_dir), preset="tiny", device="cpu",
+                                batch_size=4, seq_len=32, max_steps=16, warmup_steps=2, lr=3e-3,
+                                eval_interval=8, eval_iters=2, log_interval=4, save_interval=8), **train})
+    return PretrainTrainer(cfg, {**TINY_MODEL, "dropout": 0.1})
+
+
+def test_pretraining_lowers_the_loss(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path / "ckpt", max_steps=60, eval_interval=30)
+    first = trainer.evaluate()["val_loss"]
+    final = trainer.train()["val_loss"]
+    assert final < first - 1.5, (first, final)
+    records = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+    assert {"train", "val"} <= {r["split"] for r in records}
+    assert all(r["tokens_per_s"] > 0 for r in records if r["split"] == "train")
+
+
+def test_interrupted_run_resumes_to_the_same_loss(data_dir, tmp_path):
+    whole = make_trainer(data_dir, tmp_path / "whole")
+    expected = whole.train()["val_loss"]
+
+    crashing = make_trainer(data_dir, tmp_path / "resumed")
+    original = crashing.next_batch
+    calls = {"n": 0}
+
+    def crash_in_step_11():
+        calls["n"] += 1
+        if calls["n"] == 12:  # step 11 (0-based), after the checkpoint at step 8
+            raise RuntimeError("simulated crash")
+        return original()
+
+    crashing.next_batch = crash_in_step_11
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.train()
+    assert checkpoint.load_train_state(tmp_path / "resumed")["step"] == 8
+
+    resumed = make_trainer(data_dir, tmp_path / "resumed", resume=True)
+    assert resumed.step == 8
+    got = resumed.train()["val_loss"]
+    assert got == pytest.approx(expected, abs=1e-6)
+    a = GPT.from_pretrained(tmp_path / "whole").state_dict()
+    b = GPT.from_pretrained(tmp_path / "resumed").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_keyboard_interrupt_saves_a_resumable_checkpoint(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path / "ckpt")
+    original = trainer.next_batch
+    calls = {"n": 0}
+
+    def interrupt():
+        calls["n"] += 1
+        if calls["n"] == 6:  # Ctrl-C during step 5
+            raise KeyboardInterrupt
+        return original()
+
+    trainer.next_batch = interrupt
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 5
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, tokenizer):
+    out = tmp_path / "ckpt"
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **TINY_MODEL))
+    checkpoint.save_checkpoint(out, model, tokenizer, {"step": 1})
+    before = (out / checkpoint.WEIGHTS).read_bytes()
+
+    def broken_save(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken_save)
+    with pytest.raises(OSError):
+        checkpoint.save_checkpoint(out, model, tokenizer, {"step": 2})
+    assert (out / checkpoint.WEIGHTS).read_bytes() == before
+    assert checkpoint.load_run_info(out)["step"] == 1
+
+    # A crash between the two renames leaves only `<dir>.old`; loading puts it back.
+    out.rename(tmp_path / "ckpt.old")
+    assert checkpoint.load_run_info(out)["step"] == 1
+
+
+def test_checkpoint_round_trip_and_mismatch_errors(tmp_path, tokenizer):
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **TINY_MODEL)).eval()
+    checkpoint.save_checkpoint(tmp_path / "c", model, tokenizer, {"step": 0})
+    loaded = GPT.from_pretrained(tmp_path / "c").eval()
+    idx = torch.randint(0, tokenizer.vocab_size, (1, 10))
+    assert torch.equal(model(idx), loaded(idx))
+
+    other = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY_MODEL, "dim": 64}))
+    with pytest.raises(ValueError, match=r"model.safetensors: weights do not match the model: shape mismatch"):
+        checkpoint.load_weights(other, tmp_path / "c")
+    deeper = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY_MODEL, "n_layers": 3}))
+    with pytest.raises(ValueError, match=r"missing: layers\.2\."):
+        checkpoint.load_weights(deeper, tmp_path / "c")
+    with pytest.raises(FileNotFoundError, match="no checkpoint here"):
+        GPT.from_pretrained(tmp_path / "nothing")
+
+
+def test_cli_overrides_every_field_and_help_lists_them():
+    cfg, model_overrides = parse_train_args(TrainConfig, ["--lr", "3e-4", "--compile", "false", "--resume",
+                                                          "--n_layers", "4", "--tie_embeddings", "false"])
+    assert cfg.lr == 3e-4 and cfg.compile == "false" and cfg.resume is True
+    assert model_overrides == {"n_layers": 4, "tie_embeddings": False}
+    out = subprocess.run([sys.executable, "train_pretrain.py", "--help"], capture_output=True, text=True, check=True)
+    for name in list(TrainConfig.__dataclass_fields__) + list(ModelConfig.__dataclass_fields__):
+        assert f"--{name}" in out.stdout, name
+
+
+def test_missing_data_is_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, "train_pretrain.py", "--data_dir", str(tmp_path / "none"),
+                             "--device", "cpu"], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,11 @@
+"""Pretrain a GPT from scratch: next-token prediction on the token files that prepare.py writes.
+
+With no arguments it prepares the embedded story data set if needed, trains the `tiny` preset on a CPU
+(`minimind2-small` on a GPU) and saves to checkpoint/pretrain/. Every flag is listed by --help.
+Multi-GPU: torchrun --nproc_per_node N train_pretrain.py
+"""
+
+from trainers import PretrainTrainer, run_stage
+
+if __name__ == "__main__":
+    run_stage(PretrainTrainer, description=__doc__)

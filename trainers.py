@@ -1,0 +1,359 @@
+"""One training loop for every stage.
+
+`Trainer` owns the loop: device and precision, DDP, gradient accumulation and clipping, the learning-rate
+schedule, evaluation, logging and checkpoints. A stage subclasses it and overrides only what differs:
+  build_model()   which weights to start from
+  build_data()    its datasets and samplers
+  next_batch()    the next training micro-batch (a dict of tensors)
+  compute_loss()  the loss of one micro-batch, plus metrics to log
+  evaluate()      validation metrics
+Read `Trainer.train` top to bottom for the whole loop.
+"""
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from checkpoint import load_model_config, load_run_info, load_train_state, load_weights, save_checkpoint
+from configs import ModelConfig, TrainConfig, get_config
+from dataset import PretrainDataset
+from loss import lm_loss
+from model import GPT
+from tokenizer import Tokenizer
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """bf16 on GPUs that support it, else fp16 (with a grad scaler); float32 on CPU and MPS.
+
+    CPUs without bf16 instructions run bf16 autocast ~40x slower, and MPS has produced NaNs in half
+    precision, so those stay in float32 unless asked.
+    """
+    if name == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+class Trainer:
+    stage = "pretrain"
+
+    def __init__(self, cfg: TrainConfig, model_overrides: dict | None = None):
+        self.cfg = cfg
+        self.model_overrides = model_overrides or {}
+        self._setup_distributed()
+        self.dtype = pick_dtype(cfg.dtype, self.device)
+        self.autocast = (torch.autocast(self.device.type, dtype=self.dtype)
+                         if self.dtype != torch.float32 else nullcontext())
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.out_dir = Path(cfg.out_dir or f"checkpoint/{self.stage}")
+        torch.manual_seed(cfg.seed + self.rank)
+        self.step = 0
+
+        self.model, self.tokenizer = self.build_model()
+        self.model.to(self.device)
+        self.model.grad_checkpoint = cfg.grad_checkpoint
+        self.seq_len = cfg.seq_len or self.model.config.max_seq_len
+        self.build_data()
+        self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
+                                                         self.device.type)
+        if cfg.resume:
+            self.load_state()
+        self.train_model = self._wrap(self.model)
+        self.wandb = self._init_wandb() if cfg.wandb and self.master else None
+
+    # ------------------------------------------------------------------ set-up
+    def _setup_distributed(self):
+        """Under torchrun, join the process group: NCCL on CUDA, gloo on CPU."""
+        self.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if self.ddp:
+            self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            if torch.cuda.is_available() and self.cfg.device in ("auto", "cuda"):
+                self.device = torch.device("cuda", local_rank)
+                torch.cuda.set_device(self.device)
+            else:
+                self.device = pick_device(self.cfg.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        else:
+            self.rank, self.world = 0, 1
+            self.device = pick_device(self.cfg.device)
+        self.master = self.rank == 0
+
+    def _wrap(self, model):
+        """torch.compile (where it works) and DDP around the model the loop trains."""
+        compile_it = self.cfg.compile == "true" or (
+            self.cfg.compile == "auto" and self.device.type == "cuda" and platform.system() == "Linux")
+        if compile_it:
+            model = torch.compile(model)
+        if self.ddp:
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    def _init_wandb(self):
+        import wandb
+
+        return wandb.init(project=self.cfg.wandb_project, name=f"{self.stage}-{time.strftime('%Y%m%d-%H%M%S')}",
+                          config={"train": asdict(self.cfg), "model": asdict(self.model.config)},
+                          dir=str(self.out_dir.parent))
+
+    def log(self, message: str):
+        if self.master:
+            tqdm.write(message)
+
+    # ------------------------------------------------------------------ stage hooks
+    def build_model(self) -> tuple[GPT, Tokenizer]:
+        """Pretraining: a fresh model of the preset, shaped for the data's tokenizer (or the checkpoint
+        in init_from / out_dir when resuming)."""
+        source = self.out_dir if self.cfg.resume else self.cfg.init_from
+        if source:
+            return self.load_pretrained(source)
+        if self.cfg.data_dir == "data/storyworld":  # the embedded default: generate it on first use
+            from prepare import ensure_default_data
+
+            ensure_default_data(self.cfg.data_dir)
+        tokenizer = Tokenizer.from_pretrained(self.cfg.data_dir)
+        preset = self.cfg.preset
+        if preset == "auto":
+            preset = "tiny" if self.device.type == "cpu" else "minimind2-small"
+        config = get_config(preset, **{"vocab_size": tokenizer.vocab_size, **self.model_overrides})
+        if config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"model vocab_size {config.vocab_size} < tokenizer's {tokenizer.vocab_size}")
+        return GPT(config), tokenizer
+
+    def load_pretrained(self, directory) -> tuple[GPT, Tokenizer]:
+        """Model (with any model-field overrides such as dropout) and tokenizer of a checkpoint."""
+        config = load_model_config(directory)
+        config = ModelConfig(**{**asdict(config), **self.model_overrides})
+        model = GPT(config)
+        load_weights(model, directory)
+        self.log(f"loaded {directory} ({model.num_params() / 1e6:.2f}M parameters)")
+        return model, Tokenizer.from_pretrained(directory)
+
+    def build_data(self):
+        self.train_data = PretrainDataset(self.cfg.data_dir, "train", self.seq_len)
+        self.val_data = PretrainDataset(self.cfg.data_dir, "val", self.seq_len)
+        self.sampler = self.train_data.sampler(self.cfg.batch_size, self.cfg.seed, self.rank)
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.to_device(self.train_data.batch(self.sampler.next()))
+
+    def compute_loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = lm_loss(model(batch["input_ids"]), batch["labels"])
+        return loss, {}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean loss over the same eval_iters validation batches each time (so evaluations compare)."""
+        sampler = self.val_data.sampler(self.cfg.batch_size, seed=0, rank=self.rank)
+        losses = []
+        for _ in range(self.cfg.eval_iters):
+            batch = self.to_device(self.val_data.batch(sampler.next()))
+            with self.autocast:
+                losses.append(self.compute_loss(self.model, batch)[0].float())
+        return {"val_loss": self.all_reduce_mean(torch.stack(losses).mean())}
+
+    # ------------------------------------------------------------------ helpers for the stages
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def all_reduce_mean(self, value: torch.Tensor) -> float:
+        if self.ddp:
+            value = value.detach().clone()
+            dist.all_reduce(value)
+            value /= self.world
+        return value.item()
+
+    def lr_at(self, step: int) -> float:
+        """Linear warmup, then cosine decay from lr to min_lr at max_steps."""
+        cfg = self.cfg
+        if step < cfg.warmup_steps:
+            return cfg.lr * (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+    def tokens_in(self, batch) -> int:
+        return batch["input_ids"].numel()
+
+    # ------------------------------------------------------------------ the loop
+    def train(self) -> dict[str, float]:
+        cfg, model = self.cfg, self.train_model
+        tokens_per_step = 0
+        t_log, tokens_since_log = time.time(), 0
+        last_eval: dict[str, float] = {}
+        bad_steps = 0
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.master, desc=self.stage,
+                   dynamic_ncols=True, file=sys.stdout)
+        try:
+            while self.step < cfg.max_steps:
+                if self.step % cfg.eval_interval == 0:
+                    last_eval = self.run_eval()
+                lr = self.lr_at(self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+
+                model.train()
+                tokens_per_step = 0
+                for micro in range(cfg.grad_accum):
+                    batch = self.next_batch()
+                    tokens_per_step += self.tokens_in(batch)
+                    # Under DDP, gradients are all-reduced only on the last micro-batch.
+                    sync = micro == cfg.grad_accum - 1
+                    with model.no_sync() if self.ddp and not sync else nullcontext():
+                        with self.autocast:
+                            loss, metrics = self.compute_loss(model, batch)
+                        self.scaler.scale(loss / cfg.grad_accum).backward()
+
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                           cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                # One scalar read per step: a NaN/inf loss or gradient must not reach the weights.
+                if not torch.isfinite(grad_norm).item():
+                    bad_steps += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.update()
+                    self.log(f"step {self.step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+                    if bad_steps >= 10:
+                        raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {self.step}; stopping. "
+                                           f"The last good checkpoint in {self.out_dir} is kept; try a lower --lr")
+                    continue
+                bad_steps = 0
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                bar.update(1)
+                tokens_since_log += tokens_per_step * self.world
+
+                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                    dt = time.time() - t_log
+                    record = {"loss": self.all_reduce_mean(loss.detach().float()), "lr": lr,
+                              "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since_log / dt,
+                              **{k: self.all_reduce_mean(v.detach().float()) for k, v in metrics.items()}}
+                    self.write_metrics("train", record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
+                                    tok_s=f"{record['tokens_per_s']:.0f}")
+                    t_log, tokens_since_log = time.time(), 0
+                if self.step % cfg.save_interval == 0 and self.step < cfg.max_steps:
+                    self.save()
+        except KeyboardInterrupt:
+            bar.close()
+            self.log(f"interrupted at step {self.step}: saving so that --resume continues from here")
+            self.save()
+            raise
+        bar.close()
+        last_eval = self.run_eval()
+        self.save()
+        return last_eval
+
+    def run_eval(self) -> dict[str, float]:
+        self.model.eval()
+        results = self.evaluate()
+        self.write_metrics("val", results)
+        self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        return results
+
+    def write_metrics(self, split: str, record: dict):
+        if not self.master:
+            return
+        record = {"step": self.step, "split": split, "time": time.time(), **record}
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({f"{split}/{k}": v for k, v in record.items() if k not in ("step", "split")},
+                           step=self.step)
+
+    # ------------------------------------------------------------------ checkpoints
+    def run_info(self) -> dict:
+        return {"stage": self.stage, "step": self.step, "init_from": self.cfg.init_from,
+                "train_config": asdict(self.cfg)}
+
+    def train_state(self) -> dict:
+        """Everything besides the weights that --resume needs to continue exactly."""
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                 "cpu_rng": torch.get_rng_state(), "sampler": self.sampler.state_dict()}
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save(self):
+        """Write the checkpoint (rank 0 only; the others wait so no rank runs ahead of a save)."""
+        if self.master:
+            save_checkpoint(self.out_dir, self.model, self.tokenizer, self.run_info(), self.train_state())
+        if self.ddp:
+            dist.barrier()
+
+    def load_state(self):
+        """Restore optimizer, scaler, RNG and data position from out_dir (the weights came in build_model)."""
+        state = load_train_state(self.out_dir)
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["cpu_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.sampler.load_state_dict(state["sampler"])
+        info = load_run_info(self.out_dir)
+        self.log(f"resuming {info.get('stage', self.stage)} from step {self.step} in {self.out_dir}")
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.ddp:
+            dist.destroy_process_group()
+
+
+class PretrainTrainer(Trainer):
+    """Pretraining: next-token prediction on random windows of the token files (all in the base class)."""
+
+    stage = "pretrain"
+
+
+def run_stage(trainer_cls, config_cls=TrainConfig, argv=None, description: str = "") -> dict[str, float]:
+    """Entry point shared by the train_*.py scripts: parse flags, train, report, clean up.
+
+    Bad input (a missing file, a config that does not fit) ends with one line, not a traceback.
+    """
+    from configs import parse_train_args
+
+    cfg, model_overrides = parse_train_args(config_cls, argv, description)
+    try:
+        trainer = trainer_cls(cfg, model_overrides)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    try:
+        results = trainer.train()
+        trainer.log(f"saved {trainer.out_dir} at step {trainer.step}: "
+                    + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        return results
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except RuntimeError as e:
+        sys.exit(f"error: {e}")
+    finally:
+        trainer.close()
+
