@@ -60,7 +60,7 @@ class ModelConfig:
 
 # Named presets. `tiny` trains in minutes on a laptop CPU; the others follow published models.
 PRESETS: dict[str, dict] = {
-    "tiny": dict(dim=192, n_layers=6, n_heads=6, n_kv_heads=2, max_seq_len=256),
+    "tiny": dict(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=256),
     # MiniMind2-Small, 26M parameters (jingyaogong/minimind).
     "minimind2-small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=1024),
     # MiniMind2, 104M parameters.
