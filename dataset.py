@@ -1,6 +1,7 @@
 """Training data: random windows from the prepared token files, drawn by a resumable sampler."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,95 @@ class PretrainDataset:
         rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
         rows = torch.from_numpy(rows)
         return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
+
+# ----------------------------------------------------------------------------- chat data
+ROLES = ("system", "user", "assistant")
+
+
+class DataError(ValueError):
+    """A bad record; the message names the file and line (`data.jsonl:17: ...`)."""
+
+
+def read_jsonl(path) -> Iterator[tuple[str, dict]]:
+    """Yield (where, record) for each non-empty line, where = "file:line" for error messages."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing")
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            yield where, record
+
+
+def _text_field(record: dict, name: str, where: str) -> str:
+    value = record.get(name)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{name}' is {'missing' if value is None else 'not a string'}")
+    return value
+
+
+def check_messages(messages, where: str, field_name: str = "conversations") -> list[dict]:
+    """Validate a list of {"role", "content"} messages: known roles, string contents, a non-empty reply."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f"{where}: field '{field_name}' must be a non-empty list of messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: {field_name}[{i}] needs a string 'content'")
+        if m.get("role") not in ROLES:
+            raise DataError(f"{where}: {field_name}[{i}] has unknown role {m.get('role')!r}")
+        if m["role"] == "assistant" and not m["content"].strip():
+            raise DataError(f"{where}: {field_name}[{i}] is an empty assistant turn")
+        out.append({"role": m["role"], "content": m["content"]})
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(f"{where}: field '{field_name}' has no assistant turn")
+    return out
+
+
+def _qa_text_to_messages(text: str, where: str) -> list[dict]:
+    """Plain text in the `问：…\\n答：…` form (several pairs allowed) to messages."""
+    messages = []
+    for part in text.split("问：")[1:]:
+        if "答：" not in part:
+            raise DataError(f"{where}: field 'text': a 问： without its 答：")
+        question, answer = part.split("答：", 1)
+        messages += [{"role": "user", "content": question.strip()}, {"role": "assistant", "content": answer.strip()}]
+    if not messages:
+        raise DataError(f"{where}: field 'text' is not in the 问：…答：… form")
+    return messages
+
+
+def to_messages(record: dict, where: str) -> list[dict]:
+    """A chat record in any supported format, as a checked list of messages. Formats, by their fields:
+
+    {"conversations": [...]} (minimind), {"messages": [...]} (OpenAI/HF), {"prompt", "response"},
+    {"prompt", "output"}, Alpaca {"instruction", "input", "output"}, {"text": "问：…\\n答：…"}.
+    """
+    for key in ("conversations", "messages"):
+        if key in record:
+            return check_messages(record[key], where, key)
+    if "instruction" in record:
+        prompt = _text_field(record, "instruction", where)
+        extra = record.get("input") or ""
+        if extra:
+            prompt = f"{prompt}\n\n{extra}"
+        reply = _text_field(record, "output", where)
+    elif "prompt" in record:
+        prompt = _text_field(record, "prompt", where)
+        reply = _text_field(record, "response" if "response" in record else "output", where)
+    elif "text" in record:
+        return check_messages(_qa_text_to_messages(_text_field(record, "text", where), where), where, "text")
+    else:
+        raise DataError(f"{where}: unknown chat format: expected one of the fields conversations, messages, "
+                        f"prompt, instruction, text; got {', '.join(record) or 'none'}")
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
+    return check_messages(messages, where, "response")
