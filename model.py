@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attention import Attention, KVCache, build_attention_mask, precompute_rope
 from configs import ModelConfig
+from sampling import apply_repetition_penalty, sample_next
 
 
 class RMSNorm(nn.Module):
@@ -127,6 +128,43 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))
         # Padding rows of the vocabulary are never predicted.
         return logits if logits.shape[-1] == self.config.vocab_size else logits[..., :self.config.vocab_size]
+
+    @torch.no_grad()
+    def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                        top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
+                        eos_id: int | list[int] | None = None, generator: torch.Generator | None = None):
+        """Yield the next tokens (B, 1) one step at a time, with a KV cache.
+
+        The prompt idx (B, T) is processed once (prefill); each later step feeds only the newest token.
+        Stops after max_new_tokens, at the context limit, or when every row has produced an eos_id
+        (rows that finished early keep receiving eos). A prompt longer than the context keeps its end.
+        """
+        eos = torch.tensor([eos_id] if isinstance(eos_id, int) else (eos_id or []), device=idx.device)
+        idx = idx[:, -self.config.max_seq_len:]
+        cache = self.new_kv_cache(idx.shape[0])
+        finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
+        history, step_input = idx, idx  # history: what the repetition penalty looks at
+        for _ in range(min(max_new_tokens, self.config.max_seq_len - idx.shape[1])):
+            logits = self(step_input, cache=cache)[:, -1, :].float()
+            logits = apply_repetition_penalty(logits, history, repetition_penalty)
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            if len(eos):
+                token = torch.where(finished, eos[0], token)
+                finished |= torch.isin(token, eos)
+            yield token
+            if finished.all():
+                return
+            step_input = token
+            if repetition_penalty != 1.0:
+                history = torch.cat([history, token], dim=1)
+
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float = 1.0, eos_id: int | list[int] | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """idx (B, T) with up to max_new_tokens sampled tokens appended (temperature 0 = greedy)."""
+        new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                                        eos_id, generator))
+        return torch.cat([idx[:, -self.config.max_seq_len:], *new], dim=1)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         c = self.config
