@@ -225,6 +225,7 @@ class Trainer:
 
                 model.train()
                 tokens_per_step = 0
+                loss_finite = torch.ones((), dtype=torch.bool, device=self.device)
                 for micro in range(cfg.grad_accum):
                     batch = self.next_batch()
                     tokens_per_step += self.tokens_in(batch)
@@ -234,12 +235,13 @@ class Trainer:
                         with self.autocast:
                             loss, metrics = self.compute_loss(model, batch)
                         self.scaler.scale(loss / cfg.grad_accum).backward()
+                    loss_finite &= torch.isfinite(loss.detach())
 
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 # One scalar read per step: a NaN/inf loss or gradient must not reach the weights.
-                if not torch.isfinite(grad_norm).item():
+                if not (torch.isfinite(grad_norm) & loss_finite).item():
                     bad_steps += 1
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.update()

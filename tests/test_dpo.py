@@ -260,7 +260,9 @@ def test_non_finite_loss_is_skipped_and_a_run_of_them_stops_with_the_checkpoint_
         if not model.training:  # evaluation
             return loss, metrics
         calls["n"] += 1
-        return (loss * float("nan") if calls["n"] == 2 or calls["n"] > 8 else loss), metrics
+        if calls["n"] == 2:
+            return loss + float("inf"), metrics  # an infinite loss whose gradients are finite
+        return (loss * float("nan") if calls["n"] > 8 else loss), metrics
 
     trainer.compute_loss = nan_at_step_1_and_from_step_7
     with pytest.raises(RuntimeError, match="10 non-finite steps in a row.*last good checkpoint"):
