@@ -470,8 +470,5 @@ class DPOTrainer(Trainer):
         n = sum(len(indices) for indices in batches)
         return {f"val_{name}": total / n for name, total in totals.items()}
 
-    def tokens_in(self, batch) -> int:
-        return int(batch["loss_mask"].numel())
-
     def run_info(self) -> dict:
         return {**super().run_info(), "init_from": self.init_source}
