@@ -223,3 +223,29 @@ class LoRAConfig(SFTConfig):
                               default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
     export_merged: str = _help("instead of training, fold the adapters saved in out_dir into their base "
                                "weights and save a full checkpoint to this directory", default="")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation (train_dpo.py): TrainConfig's options with DPO's defaults, plus its own."""
+
+    init_from: str = _help("checkpoint to align; '' = the latest checkpoint/sft", default="")
+    batch_size: int = _help("preference pairs per micro-batch (each is a chosen and a rejected sequence)", default=8)
+    max_steps: int = _help("optimizer steps to train", default=60)
+    lr: float = _help("peak learning rate", default=1e-4)
+    min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-5)
+    warmup_steps: int = _help("linear warmup steps", default=10)
+    weight_decay: float = _help("AdamW weight decay (matrices only)", default=0.0)
+    eval_interval: int = _help("evaluate on the validation pairs every N steps", default=30)
+    eval_iters: int = _help("validation batches per evaluation (always the same pairs)", default=10)
+    log_interval: int = _help("log training metrics every N steps", default=1)
+    save_interval: int = _help("save a checkpoint every N steps (and at the end)", default=30)
+    train_file: str = _help("preference pairs (JSONL); '' = <data_dir>/dpo_train.jsonl", default="")
+    val_file: str = _help("validation pairs (JSONL); '' = <data_dir>/dpo_val.jsonl", default="")
+    skip_bad_rows: bool = _help("skip and count malformed rows instead of stopping at the first", default=False)
+    beta: float = _help("DPO beta: strength of the pull towards the reference model", default=0.1)
+    loss_type: str = _help("sigmoid (DPO), ipo or hinge", default="sigmoid")
+    label_smoothing: float = _help("conservative DPO: assumed probability that a preference is flipped (sigmoid)",
+                                   default=0.0)
+    precompute_ref: bool = _help("compute the reference log-probabilities once, then free the reference model",
+                                 default=False)

@@ -1,6 +1,7 @@
-"""Training data: random windows from the prepared token files, drawn by a resumable sampler."""
+"""Training data: random windows from the prepared token files, chat records and preference pairs."""
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -326,3 +327,142 @@ def format_mask(tokenizer, input_ids, labels, loss_mask) -> str:
             out.append(f"⟦{text}⟧" if trained[start] else text)
             start = i
     return "".join(out)
+
+
+# ----------------------------------------------------------------------------- preference pairs
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
+
+
+def _hh_to_messages(text: str, where: str, field_name: str) -> list[dict]:
+    """Anthropic HH text ("\\n\\nHuman: …\\n\\nAssistant: …") to messages; an empty final "Assistant:" is dropped."""
+    parts = _HH_TURN.split("\n\n" + text.lstrip("\n"))
+    if len(parts) < 3 or parts[0].strip():
+        raise DataError(f"{where}: field '{field_name}' is not in the \\n\\nHuman: …\\n\\nAssistant: … form")
+    messages = [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
+                for speaker, content in zip(parts[1::2], parts[2::2])]
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages.pop()  # a prompt ending in "Assistant:" asks for the reply
+    return messages
+
+
+def _is_hh(text: str) -> bool:
+    return text.lstrip("\n").startswith(("Human:", "Assistant:"))
+
+
+def _split_shared_prefix(chosen: list[dict], rejected: list[dict], where: str):
+    """(prompt, chosen reply, rejected reply): the prompt is the messages both conversations share."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == len(chosen) or n == len(rejected):
+        raise DataError(f"{where}: 'chosen' and 'rejected' do not differ after their shared prompt")
+    if n == 0:
+        raise DataError(f"{where}: 'chosen' and 'rejected' share no prompt")
+    if chosen[n]["role"] != "assistant" or rejected[n]["role"] != "assistant":
+        raise DataError(f"{where}: 'chosen' and 'rejected' must differ first in an assistant turn")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def to_preference(record: dict, where: str) -> tuple[list[dict], list[dict], list[dict]]:
+    """A preference record in any supported format, as (prompt messages, chosen reply, rejected reply). By fields:
+
+    {"prompt", "chosen", "rejected"} strings (the prompt may be HH text, as in Dahoas/rm-static, whose
+    "response" repeats "chosen"); {"chosen": [messages], "rejected": [messages]} (minimind dpo.jsonl);
+    {"chosen": "\\n\\nHuman: …\\n\\nAssistant: …", "rejected": …} (Anthropic HH-RLHF). Without a prompt field,
+    the prompt is the messages that chosen and rejected share.
+    """
+    if "chosen" not in record or "rejected" not in record:
+        raise DataError(f"{where}: unknown preference format: expected the fields chosen and rejected (and "
+                        f"optionally prompt); got {', '.join(record) or 'none'}")
+    if "prompt" in record:
+        prompt_text = _text_field(record, "prompt", where)
+        if _is_hh(prompt_text):
+            prompt = _hh_to_messages(prompt_text, where, "prompt")
+        else:
+            prompt = [{"role": "user", "content": prompt_text}]
+        replies = [[{"role": "assistant", "content": _text_field(record, name, where).strip()}]
+                   for name in ("chosen", "rejected")]
+        full = [check_messages(prompt + reply, where, name) for reply, name in zip(replies, ("chosen", "rejected"))]
+        return prompt, full[0][len(prompt):], full[1][len(prompt):]
+    if isinstance(record["chosen"], list):
+        chosen, rejected = (check_messages(record[name], where, name) for name in ("chosen", "rejected"))
+    else:
+        chosen, rejected = (check_messages(_hh_to_messages(_text_field(record, name, where), where, name), where, name)
+                            for name in ("chosen", "rejected"))
+    return _split_shared_prefix(chosen, rejected, where)
+
+
+def encode_preference(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict], max_tokens: int):
+    """Token ids and response masks of the chosen and rejected sequences, at most max_tokens each.
+
+    Both share the prompt. Too long a pair loses prompt tokens first, from the left (the question at the end
+    of a prompt is kept), so that the replies keep their ends; only a reply longer than max_tokens on its own
+    is cut at the end. Returns ((chosen_ids, chosen_mask), (rejected_ids, rejected_mask), truncated).
+    """
+    prompt_ids = tokenizer.apply_chat_template(prompt)
+    replies = []
+    for reply in (chosen, rejected):
+        ids, mask = tokenizer.apply_chat_template(prompt + reply, return_assistant_mask=True)
+        # The template encodes each message on its own, so the prompt's tokens are a prefix of both.
+        replies.append((ids[len(prompt_ids):], mask[len(prompt_ids):]))
+    longest = max(len(ids) for ids, _ in replies)
+    keep_prompt = max(0, min(len(prompt_ids), max_tokens - longest))
+    kept_prompt = prompt_ids[len(prompt_ids) - keep_prompt:]
+    out = tuple(((kept_prompt + ids)[:max_tokens], ([0] * keep_prompt + mask)[:max_tokens]) for ids, mask in replies)
+    return out[0], out[1], keep_prompt < len(prompt_ids) or longest + keep_prompt > max_tokens
+
+
+class PreferenceDataset:
+    """Preference pairs from a JSONL file, tokenised once. A batch stacks all chosen rows, then all rejected rows.
+
+    Malformed rows raise a DataError naming file and line, or with skip_bad_rows are skipped and counted
+    (`n_skipped`). `reference_logps` (N, 2), once set, is served with the batches (--precompute_ref).
+    """
+
+    def __init__(self, path, tokenizer, max_tokens: int, skip_bad_rows: bool = False):
+        self.pad_id = tokenizer.pad_id
+        self.pairs: list[tuple] = []
+        self.n_skipped = self.n_truncated = 0
+        for where, record in read_jsonl(path):
+            try:
+                chosen, rejected, truncated = encode_preference(tokenizer, *to_preference(record, where),
+                                                                max_tokens + 1)  # +1: inputs and labels overlap
+                if sum(chosen[1][1:]) == 0 or sum(rejected[1][1:]) == 0:
+                    raise DataError(f"{where}: no reply token fits in {max_tokens} tokens; raise --seq_len")
+            except DataError:
+                if not skip_bad_rows:
+                    raise
+                self.n_skipped += 1
+                continue
+            self.pairs.append((chosen, rejected))
+            self.n_truncated += truncated
+        if not self.pairs:
+            raise ValueError(f"{path}: no preference pairs")
+        self.reference_logps: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def sampler(self, batch_size: int, seed: int, rank: int = 0) -> WindowSampler:
+        """Random pair indices (windows of length 0 over the pairs), resumable like the pretraining sampler."""
+        return WindowSampler(len(self.pairs), 0, batch_size, seed, rank)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        """input_ids, labels, loss_mask (2B, T): rows [0, B) chosen, [B, 2B) rejected, right-padded.
+
+        Right padding needs no attention mask in a causal model: no real token attends to a later one.
+        """
+        rows = [self.pairs[i][0] for i in indices] + [self.pairs[i][1] for i in indices]
+        width = max(len(ids) for ids, _ in rows) - 1
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, (ids, mask) in enumerate(rows):
+            n = len(ids) - 1
+            input_ids[row, :n] = torch.tensor(ids[:-1])
+            labels[row, :n] = torch.tensor(ids[1:])
+            loss_mask[row, :n] = torch.tensor(mask[1:])
+        batch = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask}
+        if self.reference_logps is not None:
+            batch["reference_logps"] = self.reference_logps[torch.as_tensor(indices)].T.reshape(-1)
+        return batch

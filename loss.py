@@ -1,4 +1,4 @@
-"""Training losses. The language-model loss lives here; the preference losses join it in later stages."""
+"""Training losses: the language-model loss and the preference (DPO) losses."""
 
 import torch
 import torch.nn.functional as F
@@ -18,3 +18,63 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor
     # Cross entropy in float32: with bf16/fp16 logits the log-sum-exp over the vocabulary loses precision.
     return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=IGNORE_INDEX)
+
+
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability (B,) of each row's labels where loss_mask is 1 (the response tokens only).
+
+    Labels are aligned with the logits as in lm_loss. Masked positions (prompt, padding) add exactly 0:
+    their label is replaced by a valid id before the gather and their term is zeroed, not just down-weighted.
+    """
+    logps = torch.log_softmax(logits.float(), dim=-1)
+    safe_labels = labels.masked_fill(loss_mask == 0, 0)
+    token_logps = logps.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    return (token_logps * loss_mask).sum(-1)
+
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+class DPOLoss:
+    """Direct preference optimisation losses on summed response log-probabilities (as in trl's DPOTrainer).
+
+    With the log-ratios c = policy_chosen - reference_chosen and r = policy_rejected - reference_rejected:
+      sigmoid  -(1 - ε)·log σ(β(c - r)) - ε·log σ(-β(c - r))   DPO; ε = label_smoothing > 0 is conservative DPO
+      ipo      (c/n_c - r/n_r - 1/(2β))²                          IPO on per-token log-ratios (n = response tokens)
+      hinge    max(0, 1 - β(c - r))                               SLiC
+    The implicit rewards β·c and β·r are returned for logging (detached).
+    """
+
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"loss_type {loss_type!r} is not one of {', '.join(DPO_LOSS_TYPES)}")
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, not {beta}")
+        if not 0 <= label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), not {label_smoothing}")
+        if label_smoothing and loss_type != "sigmoid":
+            raise ValueError(f"label_smoothing applies to the sigmoid loss only, not to {loss_type!r}")
+        self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+
+    def __call__(self, policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                 reference_chosen_logps: torch.Tensor, reference_rejected_logps: torch.Tensor,
+                 chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss averaged over the pairs, chosen rewards (B,), rejected rewards (B,)).
+
+        chosen_lengths / rejected_lengths (response token counts) are needed by ipo only.
+        """
+        chosen = policy_chosen_logps.float() - reference_chosen_logps.float()
+        rejected = policy_rejected_logps.float() - reference_rejected_logps.float()
+        if self.loss_type == "sigmoid":
+            logits = self.beta * (chosen - rejected)
+            eps = self.label_smoothing
+            losses = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+        elif self.loss_type == "hinge":
+            losses = torch.relu(1 - self.beta * (chosen - rejected))
+        else:  # ipo: log-ratios per response token, so the squared target does not scale with response length
+            if chosen_lengths is None or rejected_lengths is None:
+                raise ValueError("the ipo loss needs chosen_lengths and rejected_lengths")
+            delta = chosen / chosen_lengths.clamp(min=1) - rejected / rejected_lengths.clamp(min=1)
+            losses = (delta - 1 / (2 * self.beta)) ** 2
+        return losses.mean(), self.beta * chosen.detach(), self.beta * rejected.detach()

@@ -10,6 +10,7 @@ schedule, evaluation, logging and checkpoints. A stage subclasses it and overrid
 Read `Trainer.train` top to bottom for the whole loop.
 """
 
+import copy
 import json
 import math
 import os
@@ -35,9 +36,9 @@ from checkpoint import (
     save_checkpoint,
 )
 from configs import ModelConfig, TrainConfig, get_config
-from dataset import PretrainDataset, SFTDataset, load_chats
+from dataset import PreferenceDataset, PretrainDataset, SFTDataset, load_chats
 from evals import answer_accuracy
-from loss import lm_loss
+from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
 from tokenizer import Tokenizer
 
@@ -226,6 +227,7 @@ class Trainer:
 
                 model.train()
                 tokens_per_step = 0
+                loss_finite = torch.ones((), dtype=torch.bool, device=self.device)
                 for micro in range(cfg.grad_accum):
                     batch = self.next_batch()
                     tokens_per_step += self.tokens_in(batch)
@@ -235,12 +237,13 @@ class Trainer:
                         with self.autocast:
                             loss, metrics = self.compute_loss(model, batch)
                         self.scaler.scale(loss / cfg.grad_accum).backward()
+                    loss_finite &= torch.isfinite(loss.detach())
 
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
                                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 # One scalar read per step: a NaN/inf loss or gradient must not reach the weights.
-                if not torch.isfinite(grad_norm).item():
+                if not (torch.isfinite(grad_norm) & loss_finite).item():
                     bad_steps += 1
                     self.optimizer.zero_grad(set_to_none=True)
                     self.scaler.update()
@@ -494,3 +497,108 @@ class LoRATrainer(SFTTrainer):
                                       self.run_info(), self.train_state())
         if self.ddp:
             dist.barrier()
+
+
+class DPOTrainer(Trainer):
+    """Direct preference optimisation against a frozen reference: a copy of the starting policy.
+
+    Each step runs the chosen and rejected sequences through the policy as one batch and through the reference
+    without gradients (or reads the reference log-probabilities computed once before training, with
+    --precompute_ref, when the reference model is freed).
+    """
+
+    stage = "dpo"
+
+    def build_model(self) -> tuple[GPT, Tokenizer]:
+        """The policy: the checkpoint to align (or out_dir's when resuming). The reference is always the
+        starting checkpoint, which run.json records so that --resume rebuilds the same reference."""
+        if self.cfg.resume:
+            self.init_source = load_run_info(self.out_dir).get("init_from") or self.cfg.init_from
+            model, tokenizer = self.load_pretrained(self.out_dir)
+            self.reference = self.load_pretrained(self.init_source)[0].requires_grad_(False)
+        else:
+            self.init_source = self.cfg.init_from or self._latest_sft()
+            model, tokenizer = self.load_pretrained(self.init_source)
+            # Precomputing reads the untrained policy itself; otherwise training needs a copy that stays put.
+            self.reference = model if self.cfg.precompute_ref else copy.deepcopy(model).requires_grad_(False)
+        return model, tokenizer
+
+    @staticmethod
+    def _latest_sft() -> str:
+        found = latest_checkpoint("checkpoint", ("sft",))
+        if found is None:
+            raise FileNotFoundError("checkpoint/sft: no SFT checkpoint; run `python train_sft.py` first "
+                                    "(or pass --init_from <checkpoint dir>)")
+        return str(found)
+
+    def build_data(self):
+        """The pairs, and the reference on the device (precomputing its log-probabilities if asked)."""
+        cfg = self.cfg
+        self.loss_fn = DPOLoss(cfg.beta, cfg.loss_type, cfg.label_smoothing)
+        if cfg.data_dir == "data/storyworld" and not (cfg.train_file and cfg.val_file):
+            from prepare import ensure_default_data
+
+            ensure_default_data(cfg.data_dir)
+        files = {"train": cfg.train_file or f"{cfg.data_dir}/dpo_train.jsonl",
+                 "val": cfg.val_file or f"{cfg.data_dir}/dpo_val.jsonl"}
+        data = {}
+        for split, path in files.items():
+            data[split] = PreferenceDataset(path, self.tokenizer, self.seq_len, cfg.skip_bad_rows)
+            self.log(f"{path}: {len(data[split])} pairs, {data[split].n_truncated} truncated to {self.seq_len} "
+                     f"tokens, {data[split].n_skipped} malformed rows skipped")
+        self.train_data, self.val_data = data["train"], data["val"]
+        self.sampler = self.train_data.sampler(cfg.batch_size, cfg.seed, self.rank)
+        self.reference.to(self.device).eval()
+        if cfg.precompute_ref:
+            for dataset in (self.train_data, self.val_data):
+                dataset.reference_logps = self._reference_logps_of(dataset)
+            self.reference = None  # freed (or it was the policy): training holds one model, as in SFT
+
+    @torch.no_grad()
+    def _reference_logps_of(self, dataset) -> torch.Tensor:
+        """(N, 2) reference log-probabilities of every pair's chosen and rejected reply."""
+        out = []
+        for start in tqdm(range(0, len(dataset), self.cfg.batch_size), desc="reference log-probs",
+                          disable=not self.master, file=sys.stdout, leave=False):
+            indices = range(start, min(start + self.cfg.batch_size, len(dataset)))
+            batch = self.to_device(dataset.batch(indices))
+            out.append(self._reference_logps(batch).float().cpu().view(2, -1).T)
+        return torch.cat(out)
+
+    def _reference_logps(self, batch) -> torch.Tensor:
+        with torch.no_grad(), self.autocast:
+            return sequence_logps(self.reference(batch["input_ids"]), batch["labels"], batch["loss_mask"])
+
+    def val_indices(self) -> list[list[int]]:
+        """The validation batches: the first eval_iters * batch_size pairs (the same ones every evaluation)."""
+        n, b = len(self.val_data), self.cfg.batch_size
+        return [list(range(i, min(i + b, n))) for i in range(0, min(n, self.cfg.eval_iters * b), b)]
+
+    def compute_loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logps = sequence_logps(model(batch["input_ids"]), batch["labels"], batch["loss_mask"])
+        reference = batch["reference_logps"] if "reference_logps" in batch else self._reference_logps(batch)
+        chosen_logps, rejected_logps = logps.chunk(2)
+        chosen_lengths, rejected_lengths = batch["loss_mask"].sum(-1).chunk(2)
+        loss, chosen_rewards, rejected_rewards = self.loss_fn(chosen_logps, rejected_logps, *reference.chunk(2),
+                                                              chosen_lengths, rejected_lengths)
+        return loss, {"rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+                      "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
+                      "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
+                      "logps/chosen": chosen_logps.detach().mean(), "logps/rejected": rejected_logps.detach().mean()}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The training metrics, averaged over the same validation pairs each time."""
+        totals: dict[str, float] = {}
+        batches = self.val_indices()
+        for indices in batches:
+            batch = self.to_device(self.val_data.batch(indices))
+            with self.autocast:
+                loss, metrics = self.compute_loss(self.model, batch)
+            for name, value in {"loss": loss, **metrics}.items():
+                totals[name] = totals.get(name, 0.0) + self.all_reduce_mean(value.float()) * len(indices)
+        n = sum(len(indices) for indices in batches)
+        return {f"val_{name}": total / n for name, total in totals.items()}
+
+    def run_info(self) -> dict:
+        return {**super().run_info(), "init_from": self.init_source}

@@ -1,0 +1,280 @@
+"""DPO: the loss against trl's, log-probabilities over replies only, preference formats, and the trainer."""
+
+import json
+import math
+import subprocess
+import sys
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import checkpoint
+from configs import DPOConfig, ModelConfig
+from dataset import DataError, PreferenceDataset, encode_preference, to_preference
+from loss import DPOLoss, sequence_logps
+from model import GPT
+from tests.conftest import TINY_MODEL
+from trainers import DPOTrainer
+
+
+# ----------------------------------------------------------------------------- the loss
+def trl_dpo(loss_type, beta, token_logps, completion_mask, ref_chosen, ref_rejected):
+    """trl's DPOTrainer._compute_loss on given per-token log-probs, with a stub trainer and model."""
+    from trl import DPOTrainer as TRLDPOTrainer
+
+    rows, width = completion_mask.shape
+    outputs = SimpleNamespace(log_probs=token_logps * completion_mask[:, 1:], entropy=torch.zeros(rows, width - 1),
+                              mean_logits=torch.zeros(rows, width - 1),
+                              is_top1=torch.zeros(rows, width - 1, dtype=torch.bool))
+    stub = SimpleNamespace(
+        model=SimpleNamespace(training=True), beta=beta, loss_types=[loss_type], loss_weights=[1.0],
+        label_smoothing=0.0, f_divergence_type="reverse_kl", ld_alpha=None, precompute_ref_logps=True,
+        use_weighting=False, aux_loss_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
+        _total_train_tokens=0, _tp_size=1,
+        accelerator=SimpleNamespace(device="cpu", gather=lambda x: x, gather_for_metrics=lambda x: x))
+    inputs = {"input_ids": torch.zeros(rows, width, dtype=torch.long), "attention_mask": torch.ones(rows, width),
+              "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
+    loss = TRLDPOTrainer._compute_loss(stub, lambda **kwargs: outputs, inputs, return_outputs=False)
+    return loss, {k: v[0] for k, v in stub._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+def test_dpo_loss_matches_trl(loss_type, beta):
+    gen = torch.Generator().manual_seed(0)
+    pairs, width = 6, 12
+    mask = (torch.rand(2 * pairs, width, generator=gen) < 0.6).float()
+    mask[:, 0] = 0  # the first token is never predicted
+    mask[:, 1] = 1  # every reply has a token
+    token_logps = -torch.rand(2 * pairs, width - 1, generator=gen) * 3
+    ref = -torch.rand(2 * pairs, generator=gen) * 20
+    expected_loss, trl_metrics = trl_dpo(loss_type, beta, token_logps, mask, *ref.chunk(2))
+
+    logps = (token_logps * mask[:, 1:]).sum(-1)
+    lengths = mask.sum(-1)
+    loss, chosen_rewards, rejected_rewards = DPOLoss(beta, loss_type)(*logps.chunk(2), *ref.chunk(2), *lengths.chunk(2))
+    assert loss.item() == pytest.approx(expected_loss.item(), rel=1e-5, abs=1e-6)
+    assert chosen_rewards.shape == rejected_rewards.shape == (pairs,)
+    assert chosen_rewards.mean().item() == pytest.approx(trl_metrics["rewards/chosen"], rel=1e-5, abs=1e-6)
+    assert rejected_rewards.mean().item() == pytest.approx(trl_metrics["rewards/rejected"], rel=1e-5, abs=1e-6)
+    assert (chosen_rewards - rejected_rewards).mean().item() == pytest.approx(trl_metrics["rewards/margins"],
+                                                                             rel=1e-5, abs=1e-6)
+    assert (chosen_rewards > rejected_rewards).float().mean().item() == trl_metrics["rewards/accuracies"]
+
+
+def test_conservative_dpo_and_bad_options():
+    # trl 1.16's sigmoid loss has no label smoothing, so conservative DPO is checked against its formula.
+    c, r, rc, rr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0]), torch.tensor([-3.5, -4.0]), torch.zeros(2)
+    loss, _, _ = DPOLoss(beta=0.5, label_smoothing=0.2)(c, r, rc, rr)
+    x = 0.5 * ((c - rc) - (r - rr))
+    expected = (-(0.8 * torch.log(torch.sigmoid(x))) - 0.2 * torch.log(torch.sigmoid(-x))).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert DPOLoss()(c, c, c, c)[0].item() == pytest.approx(math.log(2))  # policy = reference
+    for kwargs in ({"loss_type": "kto"}, {"beta": 0}, {"label_smoothing": 0.5},
+                   {"loss_type": "hinge", "label_smoothing": 0.1}):
+        with pytest.raises(ValueError):
+            DPOLoss(**kwargs)
+
+
+def test_sequence_logps_counts_only_masked_tokens():
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 7, 11, generator=gen)
+    labels = torch.randint(0, 11, (3, 7), generator=gen)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 0, 0]])
+    expected = [sum(torch.log_softmax(logits[b, t], -1)[labels[b, t]].item() for t in range(7) if mask[b, t])
+                for b in range(3)]
+    got = sequence_logps(logits, labels, mask)
+    assert got.tolist() == pytest.approx(expected, rel=1e-5)
+    # Whatever the unmasked positions hold (even an out-of-range padding label) changes nothing.
+    labels2, logits2 = labels.masked_fill(mask == 0, -100), logits.masked_fill((mask == 0).unsqueeze(-1), 50.0)
+    assert torch.allclose(sequence_logps(logits2, labels2, mask), got)
+
+
+# ----------------------------------------------------------------------------- data
+USER, BOT = "user", "assistant"
+
+
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+def test_every_preference_format(tmp_path):
+    story = {"prompt": "Tom has a ball. What does Tom have?", "chosen": "A ball.", "rejected": "A cat.",
+             "fact": "thing", "lang": "en"}
+    assert to_preference(story, "f:1") == ([msg(USER, story["prompt"])], [msg(BOT, "A ball.")], [msg(BOT, "A cat.")])
+
+    minimind = {"chosen": [msg(USER, "hi"), msg(BOT, "hello!")], "rejected": [msg(USER, "hi"), msg(BOT, "go away")]}
+    assert to_preference(minimind, "f:2") == ([msg(USER, "hi")], [msg(BOT, "hello!")], [msg(BOT, "go away")])
+
+    hh = {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 3?\n\nHuman: Sure?\n\nAssistant: It is 4.",
+          "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 3?\n\nHuman: Sure?\n\nAssistant: Yes, 3."}
+    assert to_preference(hh, "f:3") == ([msg(USER, "What is 2+2?"), msg(BOT, "3?"), msg(USER, "Sure?")],
+                                        [msg(BOT, "It is 4.")], [msg(BOT, "Yes, 3.")])
+
+    dahoas = {"prompt": "\n\nHuman: Name a fruit.\n\nAssistant:", "response": " An apple.", "chosen": " An apple.",
+              "rejected": " A rock."}
+    assert to_preference(dahoas, "f:4") == ([msg(USER, "Name a fruit.")], [msg(BOT, "An apple.")],
+                                            [msg(BOT, "A rock.")])
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"prompt": "q", "chosen": "a"}, "f:9: unknown preference format"),
+    ({"prompt": "q", "chosen": "a", "rejected": 3}, "f:9: field 'rejected' is not a string"),
+    ({"prompt": "q", "chosen": "a", "rejected": " "}, "f:9: rejected.* empty assistant turn"),
+    ({"chosen": [msg(USER, "hi"), msg(BOT, "a")], "rejected": [msg(USER, "hi"), msg(BOT, "a")]}, "do not differ"),
+    ({"chosen": [msg(USER, "hi"), msg(BOT, "a")], "rejected": [msg(USER, "yo"), msg(BOT, "b")]}, "share no prompt"),
+    ({"chosen": [msg("robot", "x"), msg(BOT, "a")], "rejected": []}, "f:9: chosen\\[0\\] has unknown role"),
+    ({"chosen": "Tom: hi", "rejected": "Tom: yo"}, "f:9: field 'chosen' is not in the"),
+])
+def test_malformed_pairs_name_file_line_and_field(record, message):
+    with pytest.raises(DataError, match=message):
+        to_preference(record, "f:9")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_bad_rows_stop_or_are_skipped_and_counted(tmp_path, tokenizer):
+    good = {"prompt": "Tom has a ball.", "chosen": "A ball.", "rejected": "A cat."}
+    path = write_jsonl(tmp_path / "p.jsonl", [good, {"prompt": "x", "chosen": "y"}, good])
+    with pytest.raises(DataError, match=r"p.jsonl:2: unknown preference format"):
+        PreferenceDataset(path, tokenizer, 64)
+    data = PreferenceDataset(path, tokenizer, 64, skip_bad_rows=True)
+    assert (len(data), data.n_skipped) == (2, 1)
+
+
+def test_masks_cover_only_the_reply_and_truncation_cuts_the_prompt_first(tokenizer):
+    prompt = [msg(USER, "Tom has a red ball. " * 8 + "What does Tom have?")]
+    chosen, rejected = [msg(BOT, "Tom has a ball.")], [msg(BOT, "A cat.")]
+    (c_ids, c_mask), (r_ids, r_mask), truncated = encode_preference(tokenizer, prompt, chosen, rejected, 10_000)
+    assert not truncated
+    assert tokenizer.decode([t for t, m in zip(c_ids, c_mask) if m]) == "Tom has a ball.<|im_end|>"
+    assert tokenizer.decode([t for t, m in zip(r_ids, r_mask) if m]) == "A cat.<|im_end|>"
+    full = len(c_ids)
+
+    (c_ids, c_mask), (r_ids, r_mask), truncated = encode_preference(tokenizer, prompt, chosen, rejected, full - 20)
+    assert truncated and len(c_ids) == full - 20
+    assert tokenizer.decode([t for t, m in zip(c_ids, c_mask) if m]) == "Tom has a ball.<|im_end|>"  # reply whole
+    assert tokenizer.decode(c_ids).endswith("What does Tom have?<|im_end|>\n<|im_start|>assistant\nTom has a ball."
+                                            "<|im_end|>\n")  # the prompt lost its start, not its question
+    assert c_ids[:-len(tokenizer.apply_chat_template(chosen))] == r_ids[:-len(tokenizer.apply_chat_template(rejected))]
+
+    (c_ids, c_mask), _, _ = encode_preference(tokenizer, prompt, chosen, rejected, 6)  # not even the reply fits
+    assert len(c_ids) == 6 and not tokenizer.decode(c_ids).startswith("What")
+
+
+def test_padded_batch_log_probs_equal_each_sequence_alone(tmp_path, tokenizer):
+    rows = [{"prompt": "Tom has a ball. What does Tom have?", "chosen": "A ball.", "rejected": "A red cat, I think."},
+            {"prompt": "Mia has a kite.", "chosen": "Mia has a kite, a red kite.", "rejected": "No."}]
+    data = PreferenceDataset(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer, 64)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY_MODEL, "max_seq_len": 64})).eval()
+    batch = data.batch([0, 1])
+    assert (batch["input_ids"] == tokenizer.pad_id).any()  # there is padding to leak
+    with torch.no_grad():
+        got = sequence_logps(model(batch["input_ids"]), batch["labels"], batch["loss_mask"])
+        expected = []
+        for ids, mask in [data.pairs[0][0], data.pairs[1][0], data.pairs[0][1], data.pairs[1][1]]:
+            logps = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0], -1)
+            expected.append(sum(logps[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t]))
+    assert got.tolist() == pytest.approx(expected, rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- the trainer
+# The preferred replies name a ball or a kite, the rejected ones a cat or a cake: learnable by a tiny model.
+PAIRS = [(f"{name} has a {good} and a {bad}. What does {name} like?", f"{name} likes the {good}.",
+          f"{name} likes the {bad}.") for name in ("Tom", "Mia", "Ben", "Lily") for good in ("ball", "kite")
+         for bad in ("cat", "cake")]
+
+
+@pytest.fixture
+def dpo_setup(tmp_path, tokenizer):
+    """A tiny starting checkpoint and train/val preference files."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY_MODEL, "max_seq_len": 64}))
+    checkpoint.save_checkpoint(tmp_path / "sft", model, tokenizer, {"stage": "sft"})
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
+    write_jsonl(tmp_path / "train.jsonl", rows[:12])
+    write_jsonl(tmp_path / "val.jsonl", rows[12:])
+    return tmp_path
+
+
+def make_dpo(root, **train):
+    cfg = DPOConfig(**{**dict(init_from=str(root / "sft"), out_dir=str(root / "dpo"), data_dir=str(root),
+                              train_file=str(root / "train.jsonl"), val_file=str(root / "val.jsonl"),
+                              device="cpu", batch_size=4,
+                              max_steps=12, warmup_steps=2, lr=3e-3, min_lr=3e-4, eval_interval=6, eval_iters=1,
+                              save_interval=6, beta=0.5), **train})
+    return DPOTrainer(cfg)
+
+
+def test_dpo_raises_reward_accuracy_and_keeps_the_reference_frozen(dpo_setup):
+    trainer = make_dpo(dpo_setup, max_steps=20, eval_interval=20)
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    assert trainer.evaluate()["val_loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy = reference
+    trainer.train()
+    records = [json.loads(line) for line in (dpo_setup / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert len(train) == 20  # logged every step
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin",
+                "logps/chosen", "logps/rejected"):
+        assert key in train[0] and f"val_{key}" in records[-1], key
+    assert sum(r["loss"] for r in train[-5:]) / 5 < math.log(2) - 0.2
+    assert sum(r["rewards/accuracy"] for r in train[-5:]) / 5 > 0.9
+    assert records[-1]["val_rewards/accuracy"] > 0.9 and records[-1]["val_rewards/margin"] > 0  # unseen names
+    # The reference never moved; the policy did.
+    assert all(torch.equal(v, start[k]) for k, v in trainer.reference.state_dict().items())
+    assert not all(torch.equal(v, start[k]) for k, v in trainer.model.state_dict().items())
+    assert not any(p.requires_grad for p in trainer.reference.parameters())
+
+
+def test_precomputed_reference_trains_the_same_without_a_reference_model(dpo_setup):
+    held = make_dpo(dpo_setup, max_steps=4, out_dir=str(dpo_setup / "held"))
+    held.train()
+    pre = make_dpo(dpo_setup, max_steps=4, out_dir=str(dpo_setup / "pre"), precompute_ref=True)
+    assert pre.reference is None
+    pre.train()
+    a, b = held.model.state_dict(), pre.model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_resume_rebuilds_the_reference_from_the_starting_checkpoint(dpo_setup):
+    make_dpo(dpo_setup, max_steps=6).train()
+    resumed = make_dpo(dpo_setup, max_steps=12, resume=True)
+    start = GPT.from_pretrained(dpo_setup / "sft").state_dict()
+    assert resumed.step == 6
+    assert all(torch.equal(v, start[k]) for k, v in resumed.reference.state_dict().items())
+    assert not all(torch.equal(v, start[k]) for k, v in resumed.model.state_dict().items())
+
+
+def test_non_finite_loss_is_skipped_and_a_run_of_them_stops_with_the_checkpoint_kept(dpo_setup, capsys):
+    trainer = make_dpo(dpo_setup)
+    compute_loss, calls = trainer.compute_loss, {"n": 0}
+
+    def nan_at_step_1_and_from_step_7(model, batch):
+        loss, metrics = compute_loss(model, batch)
+        if not model.training:  # evaluation
+            return loss, metrics
+        calls["n"] += 1
+        if calls["n"] == 2:
+            return loss + float("inf"), metrics  # an infinite loss whose gradients are finite
+        return (loss * float("nan") if calls["n"] > 8 else loss), metrics
+
+    trainer.compute_loss = nan_at_step_1_and_from_step_7
+    with pytest.raises(RuntimeError, match="10 non-finite steps in a row.*last good checkpoint"):
+        trainer.train()
+    assert "step 1: non-finite loss or gradient, step skipped (1 in a row)" in capsys.readouterr().out
+    assert checkpoint.load_train_state(dpo_setup / "dpo")["step"] == 6
+    assert not (dpo_setup / "dpo.tmp").exists()
+
+
+def test_train_dpo_without_an_sft_checkpoint_says_to_run_sft_first(tmp_path):
+    result = subprocess.run([sys.executable, str(__import__("pathlib").Path("train_dpo.py").resolve()),
+                             "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("error: checkpoint/sft: no SFT checkpoint; run `python "
+                                                      "train_sft.py` first (or pass --init_from <checkpoint dir>)")
