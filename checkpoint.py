@@ -51,8 +51,11 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: dict | None = None,
-                    extra_files: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
-    """Atomically (re)write the checkpoint directory. extra_files maps file names to tensors to save."""
+                    extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
+                    extra_json: dict[str, dict] | None = None, save_weights: bool = True) -> Path:
+    """Atomically (re)write the checkpoint directory. extra_files maps file names to tensors to save,
+    extra_json file names to JSON objects; save_weights=False leaves out model.safetensors (adapter-only
+    checkpoints, whose tensors are in extra_files)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     _recover(directory)
@@ -60,9 +63,12 @@ def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: di
     old = directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt"})
+    if save_weights:
+        save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt"})
     for name, tensors in (extra_files or {}).items():
         save_file(tensors, tmp / name, metadata={"format": "pt"})
+    for name, obj in (extra_json or {}).items():
+        write_json(tmp / name, obj)
     write_json(tmp / "config.json", asdict(model.config))
     write_json(tmp / "run.json", run_info)
     tokenizer.save_pretrained(tmp)

@@ -195,3 +195,55 @@ def parse_train_args(train_cls, argv: list[str] | None = None, description: str 
 
 def config_to_json(cfg) -> str:
     return json.dumps(dataclasses.asdict(cfg), indent=2)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on chats (train_sft.py). Defaults: about 4-5 minutes of training on a 2-core CPU."""
+
+    # New defaults for inherited fields: chats are short, fine-tuning needs fewer steps and a lower rate.
+    batch_size: int = _help("chats per micro-batch (per process)", default=16)
+    seq_len: int = _help("longest chat in tokens (longer ones are truncated); 0 = the model's max_seq_len",
+                         default=0)
+    max_steps: int = _help("optimizer steps to train", default=150)
+    lr: float = _help("peak learning rate", default=5e-4)
+    min_lr: float = _help("learning rate at the end of the cosine decay", default=5e-5)
+    warmup_steps: int = _help("linear warmup steps", default=15)
+    eval_interval: int = _help("evaluate every N steps (and always before the first and after the last step)",
+                               default=1000)
+    eval_iters: int = _help("validation batches per evaluation (masked val loss)", default=4)
+    save_interval: int = _help("save a checkpoint every N steps (and at the end)", default=100)
+    # Stage options.
+    sft_data: str = _help("training chats: a .jsonl file (any chat format of dataset.to_messages) or "
+                          "hf:<dataset> (e.g. hf:jingyaogong/minimind_dataset with --hf_data_files "
+                          "sft_mini_512.jsonl); '' = <data_dir>/sft_train.jsonl", default="")
+    sft_val_data: str = _help("validation chats, same forms; '' = <data_dir>/sft_val.jsonl; 'none' = no "
+                              "validation", default="")
+    hf_data_files: str = _help("hf: only, the file(s) of the dataset repository to read", default="")
+    hf_split: str = _help("hf: only, the split to read", default="train")
+    pack: bool = _help("pack several chats into each row (attention stays inside each chat) instead of padding",
+                       default=False)
+    drop_long: bool = _help("drop chats longer than seq_len instead of truncating them", default=False)
+    skip_bad_rows: bool = _help("skip and count malformed rows instead of stopping at the first", default=False)
+    show_mask: bool = _help("print one tokenised training chat with the trained tokens marked, and exit",
+                            default=False)
+    eval_samples: int = _help("held-out chats for answer accuracy (greedy generation); 0 = off", default=100)
+    max_new_tokens: int = _help("longest generated answer in the accuracy evaluation", default=64)
+
+
+@dataclass
+class LoRAConfig(SFTConfig):
+    """LoRA fine-tuning (train_lora.py): SFT that trains only low-rank adapters on frozen weights."""
+
+    lr: float = _help("peak learning rate (adapters take a higher rate than full fine-tuning)", default=2e-3)
+    min_lr: float = _help("learning rate at the end of the cosine decay", default=2e-4)
+    weight_decay: float = _help("AdamW weight decay on the adapter matrices", default=0.0)
+    lora_r: int = _help("adapter rank r", default=8)
+    lora_alpha: float = _help("adapter scale alpha: the update is (alpha / r) * B A", default=16.0)
+    lora_dropout: float = _help("dropout on the adapters' input", default=0.05)
+    use_rslora: bool = _help("rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r", default=False)
+    lora_targets: str = _help("comma-separated names of the linear layers to adapt (a name matches a module "
+                              "whose name is it or ends in .<name>)",
+                              default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    export_merged: str = _help("instead of training, fold the adapters saved in out_dir into their base "
+                               "weights and save a full checkpoint to this directory", default="")

@@ -69,8 +69,11 @@ class DataError(ValueError):
     """A bad record; the message names the file and line (`data.jsonl:17: ...`)."""
 
 
-def read_jsonl(path) -> Iterator[tuple[str, dict]]:
-    """Yield (where, record) for each non-empty line, where = "file:line" for error messages."""
+def read_jsonl(path, on_error=None) -> Iterator[tuple[str, dict]]:
+    """Yield (where, record) for each non-empty line, where = "file:line" for error messages.
+
+    A bad line raises a DataError, or is passed to on_error(error) and skipped if on_error is given.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing")
@@ -82,10 +85,15 @@ def read_jsonl(path) -> Iterator[tuple[str, dict]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            yield where, record
+                error = DataError(f"{where}: not valid JSON ({e.msg})")
+            else:
+                if isinstance(record, dict):
+                    yield where, record
+                    continue
+                error = DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            if on_error is None:
+                raise error
+            on_error(error)
 
 
 def _text_field(record: dict, name: str, where: str) -> str:
@@ -151,3 +159,170 @@ def to_messages(record: dict, where: str) -> list[dict]:
                         f"prompt, instruction, text; got {', '.join(record) or 'none'}")
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
     return check_messages(messages, where, "response")
+
+
+# ----------------------------------------------------------------------------- supervised fine-tuning
+def load_chats(source: str, skip_bad_rows: bool = False, hf_data_files: str = "",
+               hf_split: str = "train") -> tuple[list[list[dict]], int]:
+    """(chats as message lists, number of rows skipped) from a .jsonl file or an `hf:<dataset>`.
+
+    A malformed row raises a DataError naming its file and line (its row number for hf:), or with
+    skip_bad_rows is skipped and counted: never dropped silently.
+    """
+    skipped = 0
+
+    def reject(error: DataError):
+        nonlocal skipped
+        if not skip_bad_rows:
+            raise error
+        skipped += 1
+
+    if source.startswith("hf:"):
+        from datasets import load_dataset  # imported here: slow to import and only needed for this source
+
+        name = source[3:]
+        rows = ((f"{name}:row {i}", dict(r)) for i, r in
+                enumerate(load_dataset(name, data_files=hf_data_files or None, split=hf_split)))
+    else:
+        rows = read_jsonl(source, on_error=reject)
+    chats = []
+    for where, record in rows:
+        try:
+            chats.append(to_messages(record, where))
+        except DataError as e:
+            reject(e)
+    return chats, skipped
+
+
+def shift_chat(ids: list[int], mask: list[int], max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids, labels and loss_mask (each of length <= max_len) of one tokenised chat.
+
+    ids and mask come from `Tokenizer.apply_chat_template(..., return_assistant_mask=True)`. labels[t] is the
+    token after input_ids[t] (shifted here, once); loss_mask[t] is 1 where that token is assistant content or
+    an assistant turn's closing <|im_end|>. A chat longer than max_len + 1 tokens is cut at the end, ids and
+    mask together, so the mask stays aligned.
+    """
+    ids, mask = np.array(ids[:max_len + 1], dtype=np.int64), np.array(mask[:max_len + 1], dtype=np.int64)
+    return ids[:-1], ids[1:], mask[1:]
+
+
+class RowSampler:
+    """An endless stream of row indices, a fresh permutation of the rows every epoch.
+
+    Item i of rank r is item i * world + r of the stream, which depends only on (seed, i), so the whole
+    state is `position` (items drawn) and a resumed run draws exactly what the interrupted run would have.
+    """
+
+    def __init__(self, n_rows: int, seed: int, rank: int = 0, world: int = 1):
+        if n_rows == 0:
+            raise ValueError("no rows to sample from")
+        self.n_rows, self.seed, self.rank, self.world = n_rows, seed, rank, world
+        self.position = 0
+        self._epoch, self._perm = -1, None
+
+    def peek(self) -> int:
+        """The next index, without drawing it."""
+        epoch, i = divmod(self.position * self.world + self.rank, self.n_rows)
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+        return int(self._perm[i])
+
+    def next(self, n: int) -> list[int]:
+        out = []
+        for _ in range(n):
+            out.append(self.peek())
+            self.position += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
+
+
+class SFTDataset:
+    """Tokenised chats for supervised fine-tuning, batched by padding or by packing."""
+
+    def __init__(self, chats: list[list[dict]], tokenizer, seq_len: int, drop_long: bool = False):
+        self.seq_len, self.pad_id = seq_len, tokenizer.pad_id
+        self.examples = []
+        self.n_truncated = self.n_dropped = 0
+        for messages in chats:
+            ids, mask = tokenizer.apply_chat_template(messages, return_assistant_mask=True)
+            example = shift_chat(ids, mask, seq_len)
+            too_long = len(ids) > seq_len + 1
+            # A cut that leaves no assistant token would train on nothing: drop it, counted.
+            if (too_long and drop_long) or not example[2].any():
+                self.n_dropped += 1
+                continue
+            self.n_truncated += too_long
+            self.examples.append(example)
+        if not self.examples:
+            raise ValueError(f"no chat has an assistant token within seq_len={seq_len}")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def summary(self) -> str:
+        return (f"{len(self)} chats ({self.n_truncated} truncated to {self.seq_len} tokens, "
+                f"{self.n_dropped} dropped as too long)")
+
+    def sampler(self, seed: int, rank: int = 0, world: int = 1) -> RowSampler:
+        return RowSampler(len(self), seed, rank, world)
+
+    def padded_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """One chat per row, right-padded: input_ids, labels, loss_mask (B, T).
+
+        T is the longest chat rounded up to a multiple of 64 (few distinct shapes for torch.compile).
+        Padding comes after the real tokens, so causal attention never sees it; its loss_mask is 0.
+        """
+        longest = max(len(self.examples[i][0]) for i in indices)
+        T = min(self.seq_len, 64 * -(-longest // 64))
+        batch = {"input_ids": torch.full((len(indices), T), self.pad_id, dtype=torch.long),
+                 "labels": torch.full((len(indices), T), self.pad_id, dtype=torch.long),
+                 "loss_mask": torch.zeros((len(indices), T), dtype=torch.long)}
+        for row, i in enumerate(indices):
+            for name, values in zip(batch, self.examples[i]):
+                batch[name][row, :len(values)] = torch.from_numpy(values)
+        return batch
+
+    def packed_batch(self, sampler: RowSampler, batch_size: int) -> dict[str, torch.Tensor]:
+        """batch_size rows of seq_len tokens, each filled with whole chats in sampler order.
+
+        segment_ids (B, T) number the chats of a row (0 = padding) so attention stays inside each chat.
+        RoPE is relative, so a chat's logits do not depend on where in the row it sits. A chat that does
+        not fit in the last row is left for the next batch (the sampler does not advance past it).
+        """
+        T = self.seq_len
+        batch = {"input_ids": torch.full((batch_size, T), self.pad_id, dtype=torch.long),
+                 "labels": torch.full((batch_size, T), self.pad_id, dtype=torch.long),
+                 "loss_mask": torch.zeros((batch_size, T), dtype=torch.long),
+                 "segment_ids": torch.zeros((batch_size, T), dtype=torch.long)}
+        row, used, segment = 0, 0, 0
+        while True:
+            example = self.examples[sampler.peek()]
+            n = len(example[0])
+            if used + n > T:
+                row, used = row + 1, 0
+                if row == batch_size:
+                    return batch
+            sampler.position += 1
+            segment += 1
+            for name, values in zip(batch, example):
+                batch[name][row, used:used + n] = torch.from_numpy(values)
+            batch["segment_ids"][row, used:used + n] = segment
+            used += n
+
+
+def format_mask(tokenizer, input_ids, labels, loss_mask) -> str:
+    """A chat as text with the trained-on tokens (the labels where loss_mask is 1) between ⟦ and ⟧."""
+    ids = [int(input_ids[0]), *(int(t) for t in labels)]
+    trained = [0, *(int(m) for m in loss_mask)]
+    out, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or trained[i] != trained[start]:  # the end of a run of equally masked tokens
+            text = tokenizer.decode(ids[start:i])
+            out.append(f"⟦{text}⟧" if trained[start] else text)
+            start = i
+    return "".join(out)

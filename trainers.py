@@ -25,9 +25,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import load_model_config, load_run_info, load_train_state, load_weights, save_checkpoint
+import lora
+from checkpoint import (
+    latest_checkpoint,
+    load_model_config,
+    load_run_info,
+    load_train_state,
+    load_weights,
+    save_checkpoint,
+)
 from configs import ModelConfig, TrainConfig, get_config
-from dataset import PretrainDataset
+from dataset import PretrainDataset, SFTDataset, load_chats
+from evals import answer_accuracy
 from loss import lm_loss
 from model import GPT
 from moe import collect_moe_stats
@@ -363,3 +372,131 @@ def run_stage(trainer_cls, config_cls=TrainConfig, argv=None, description: str =
     finally:
         trainer.close()
 
+
+
+def find_init_dir(init_from: str, stages: tuple[str, ...]) -> Path:
+    """The checkpoint to fine-tune: init_from if given, else the latest of `stages` under checkpoint/."""
+    if init_from:
+        return Path(init_from)
+    found = latest_checkpoint("checkpoint", stages)
+    if found is None:
+        raise FileNotFoundError(f"no {' or '.join(stages)} checkpoint under checkpoint/: run "
+                                f"`python train_{stages[-1]}.py` first, or pass --init_from DIR")
+    return found
+
+
+def chat_source(cfg, name: str, given: str) -> str | None:
+    """The chats of a --sft_data style flag: `given`, or '' = <data_dir>/<name>, or 'none' = none."""
+    if given == "none":
+        return None
+    if given:
+        return given
+    if cfg.data_dir == "data/storyworld":  # the embedded default: generate it on first use
+        from prepare import ensure_default_data
+
+        ensure_default_data(cfg.data_dir)
+    return str(Path(cfg.data_dir) / name)
+
+
+class SFTTrainer(Trainer):
+    """Supervised fine-tuning: the loss counts only the assistant tokens of each chat (dataset.shift_chat).
+
+    Changes only the data (chats, padded or packed) and the masked loss; evaluation adds the answer accuracy
+    of greedy replies to held-out questions (evals.answer_accuracy).
+    """
+
+    stage = "sft"
+    init_stages = ("pretrain",)  # where `init_from` defaults to: the latest of these under checkpoint/
+
+    def build_model(self) -> tuple[GPT, Tokenizer]:
+        if self.cfg.resume:
+            self.base_dir = load_run_info(self.out_dir)["init_from"]
+            return self.load_pretrained(self.out_dir)
+        self.base_dir = str(find_init_dir(self.cfg.init_from, self.init_stages))
+        return self.load_pretrained(self.base_dir)
+
+    def load_chat_data(self, source: str) -> list[list[dict]]:
+        cfg = self.cfg
+        chats, skipped = load_chats(source, cfg.skip_bad_rows, cfg.hf_data_files, cfg.hf_split)
+        if skipped:
+            self.log(f"{source}: skipped {skipped} malformed rows (--skip_bad_rows)")
+        return chats
+
+    def build_data(self):
+        cfg = self.cfg
+        if self.seq_len > self.model.config.max_seq_len:
+            raise ValueError(f"seq_len {self.seq_len} is longer than the model's max_seq_len "
+                             f"{self.model.config.max_seq_len}")
+        train_source = chat_source(cfg, "sft_train.jsonl", cfg.sft_data)
+        if train_source is None:
+            raise ValueError("--sft_data none: there must be training chats")
+        self.train_data = SFTDataset(self.load_chat_data(train_source), self.tokenizer, self.seq_len, cfg.drop_long)
+        self.log(f"{train_source}: {self.train_data.summary()}")
+        self.sampler = self.train_data.sampler(cfg.seed, self.rank, self.world)
+        val_source = chat_source(cfg, "sft_val.jsonl", cfg.sft_val_data)
+        self.val_chats = self.load_chat_data(val_source) if val_source else []
+        self.val_data = SFTDataset(self.val_chats, self.tokenizer, self.seq_len) if self.val_chats else None
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.cfg.pack:
+            return self.to_device(self.train_data.packed_batch(self.sampler, self.cfg.batch_size))
+        return self.to_device(self.train_data.padded_batch(self.sampler.next(self.cfg.batch_size)))
+
+    def compute_loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logits = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))
+        return lm_loss(logits, batch["labels"], batch["loss_mask"]), {}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Masked loss on the first eval_iters * batch_size val chats, and answer accuracy on eval_samples."""
+        if self.val_data is None:
+            return {}
+        cfg, n = self.cfg, len(self.val_data)
+        losses = []
+        for start in range(0, min(n, cfg.eval_iters * cfg.batch_size), cfg.batch_size):
+            batch = self.to_device(self.val_data.padded_batch(list(range(start, min(n, start + cfg.batch_size)))))
+            with self.autocast:
+                losses.append(self.compute_loss(self.model, batch)[0].float())
+        results = {"val_loss": self.all_reduce_mean(torch.stack(losses).mean())}
+        if cfg.eval_samples > 0:  # the same on every rank: no reduction needed
+            with self.autocast:
+                results.update(answer_accuracy(self.model, self.tokenizer, self.val_chats[:cfg.eval_samples],
+                                               cfg.max_new_tokens))
+        return results
+
+    def run_info(self) -> dict:
+        return {**super().run_info(), "init_from": self.base_dir}
+
+
+class LoRATrainer(SFTTrainer):
+    """SFT through LoRA adapters on a frozen model; checkpoints hold only the adapters (lora.py)."""
+
+    stage = "lora"
+    init_stages = ("sft", "pretrain")
+
+    def lora_config(self) -> dict:
+        cfg = self.cfg
+        return {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "use_rslora": cfg.use_rslora,
+                "targets": [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]}
+
+    def build_model(self) -> tuple[GPT, Tokenizer]:
+        if self.cfg.resume:  # the adapters' own base and settings, whatever the flags say now
+            config = lora.read_adapter_config(self.out_dir)
+            self.base_dir = str(lora.check_base(config, self.out_dir))
+        else:
+            config, self.base_dir = self.lora_config(), str(find_init_dir(self.cfg.init_from, self.init_stages))
+        self.lora_settings = {k: config[k] for k in ("r", "alpha", "dropout", "use_rslora", "targets")}
+        model, tokenizer = self.load_pretrained(self.base_dir)
+        counts = lora.apply_lora(model, **self.lora_settings)
+        if self.cfg.resume:
+            lora.load_adapters(model, self.out_dir)
+        self.log(f"LoRA r={config['r']} on {counts['wrapped']} layers: {counts['trainable']:,} trainable of "
+                 f"{counts['total']:,} parameters ({100 * counts['trainable'] / counts['total']:.2f}%)")
+        return model, tokenizer
+
+    def save(self):
+        if self.master:
+            lora.save_lora_checkpoint(self.out_dir, self.model, self.tokenizer, self.base_dir, self.lora_settings,
+                                      self.run_info(), self.train_state())
+        if self.ddp:
+            dist.barrier()

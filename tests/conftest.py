@@ -4,7 +4,11 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
+import checkpoint
+from configs import ModelConfig
+from model import GPT
 from tokenizer import Tokenizer
 
 # A small model so a training test runs in about a second on 2 CPU cores.
@@ -35,3 +39,35 @@ def data_dir(tmp_path_factory, tokenizer):
     (d / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": tokenizer.vocab_size}))
     tokenizer.save_pretrained(d)
     return d
+
+
+# ----------------------------------------------------------------------------- fine-tuning fixtures
+SFT_MODEL = {**TINY_MODEL, "max_seq_len": 64}
+NAMES, THINGS = ["Tom", "Mia", "Ben", "Lily"], ["ball", "cat", "kite", "cake"]
+
+
+def make_chats(n: int, seed: int) -> list[dict]:
+    """Learnable chats: the answer repeats the thing named in the question."""
+    rng = np.random.default_rng(seed)
+    chats = []
+    for _ in range(n):
+        name, thing = rng.choice(NAMES), rng.choice(THINGS)
+        chats.append({"conversations": [{"role": "user", "content": f"{name} has a {thing}. What is it?"},
+                                        {"role": "assistant", "content": f"The {thing}."}]})
+    return chats
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def sft_dirs(tmp_path, tokenizer, data_dir):
+    """A random-init 'pretrain' checkpoint and train/val chat files."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **SFT_MODEL))
+    checkpoint.save_checkpoint(tmp_path / "pretrain", model, tokenizer, {"stage": "pretrain", "step": 0})
+    write_jsonl(tmp_path / "train.jsonl", make_chats(200, 0))
+    write_jsonl(tmp_path / "val.jsonl", make_chats(24, 1))
+    return tmp_path

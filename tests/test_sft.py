@@ -1,0 +1,234 @@
+"""SFT data and training: the loss mask on every chat format, padding and packing, resumable sampling,
+bad rows, the masked loss, answer accuracy, and a short fine-tuning run."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import checkpoint
+from configs import ModelConfig, SFTConfig
+from dataset import DataError, RowSampler, SFTDataset, format_mask, load_chats, shift_chat, to_messages
+from evals import answer_accuracy, greedy_replies
+from loss import lm_loss
+from model import GPT
+from tests.conftest import SFT_MODEL, make_chats, write_jsonl
+from tokenizer import IM_END
+from trainers import SFTTrainer
+
+
+def sft_config(d, **kw) -> SFTConfig:
+    return SFTConfig(**{**dict(data_dir=str(d), out_dir=str(d / "sft"), init_from=str(d / "pretrain"),
+                               sft_data=str(d / "train.jsonl"), sft_val_data=str(d / "val.jsonl"), device="cpu",
+                               batch_size=8, max_steps=12, warmup_steps=2, lr=3e-3, eval_iters=2, log_interval=4,
+                               save_interval=6, eval_samples=8, max_new_tokens=8), **kw})
+
+
+# ----------------------------------------------------------------------------- the mask
+MULTI_TURN = {"conversations": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Tom has a ball."}, {"role": "assistant", "content": "Yes, a red ball."},
+    {"role": "user", "content": "And Mia?"}, {"role": "assistant", "content": "Mia has a kite."}]}
+
+
+@pytest.mark.parametrize("record", [
+    MULTI_TURN,
+    {"messages": MULTI_TURN["conversations"]},
+    {"prompt": "Tom has a cat?", "response": "Tom has a cat."},
+    {"prompt": "Tom has a cat?", "output": "Tom has a cat."},
+    {"instruction": "Say it.", "input": "Mia has a cake.", "output": "Mia has a cake."},
+    {"text": "问：Ben has a kite?\n答：Ben has a kite.\n问：Lily?\n答：Lily has a ball."},
+])
+def test_mask_covers_exactly_the_assistant_turns(record, tokenizer):
+    messages = to_messages(record, "x.jsonl:1")
+    ids, mask = tokenizer.apply_chat_template(messages, return_assistant_mask=True)
+    input_ids, labels, loss_mask = shift_chat(ids, mask, max_len=1000)
+    assert np.array_equal(input_ids, ids[:-1]) and np.array_equal(labels, ids[1:])  # shifted exactly once
+    trained = [int(t) for t, m in zip(labels, loss_mask) if m]
+    untrained = [int(t) for t, m in zip(labels, loss_mask) if not m]
+    # Reference, from the messages alone: every assistant content followed by its <|im_end|>.
+    assert tokenizer.decode(trained) == "".join(m["content"] + IM_END for m in messages if m["role"] == "assistant")
+    n_turns = sum(m["role"] == "assistant" for m in messages)
+    assert untrained.count(tokenizer.im_end_id) == len(messages) - n_turns  # other roles' ends are not trained
+    for m in messages:
+        if m["role"] != "assistant":
+            assert m["content"] in tokenizer.decode(untrained)
+
+
+def test_truncation_keeps_the_mask_aligned(tokenizer):
+    ids, mask = tokenizer.apply_chat_template(to_messages(MULTI_TURN, "x:1"), return_assistant_mask=True)
+    full = shift_chat(ids, mask, max_len=1000)
+    for max_len in (5, 20, len(ids) - 3):
+        cut = shift_chat(ids, mask, max_len)
+        assert all(len(a) == max_len for a in cut)
+        assert all(np.array_equal(a, b[:max_len]) for a, b in zip(cut, full))
+    dataset = SFTDataset([to_messages(MULTI_TURN, "x:1")] * 2, tokenizer, seq_len=len(ids) - 3)
+    assert dataset.n_truncated == 2 and len(dataset) == 2
+    assert len(SFTDataset([to_messages(MULTI_TURN, "x:1")] * 2 + [to_messages(
+        {"prompt": "a", "output": "b"}, "x:2")], tokenizer, seq_len=len(ids) - 3, drop_long=True)) == 1
+    with pytest.raises(ValueError, match="no chat has an assistant token"):
+        SFTDataset([to_messages(MULTI_TURN, "x:1")], tokenizer, seq_len=5)  # the cut leaves no reply
+
+
+def test_show_mask_marks_the_trained_tokens(tokenizer, sft_dirs):
+    messages = to_messages(MULTI_TURN, "x:1")
+    ids, mask = tokenizer.apply_chat_template(messages, return_assistant_mask=True)
+    text = format_mask(tokenizer, *shift_chat(ids, mask, 1000))
+    assert f"⟦Yes, a red ball.{IM_END}⟧" in text and f"⟦Mia has a kite.{IM_END}⟧" in text
+    assert text.count("⟦") == 2 and text.replace("⟦", "").replace("⟧", "") == tokenizer.decode(ids)
+    out = subprocess.run([sys.executable, "train_sft.py", "--show_mask", "--init_from", str(sft_dirs / "pretrain"),
+                          "--sft_data", str(sft_dirs / "train.jsonl")], capture_output=True, text=True, check=True)
+    thing = make_chats(1, 0)[0]["conversations"][1]["content"]
+    assert f"⟦{thing}{IM_END}⟧" in out.stdout
+
+
+# ----------------------------------------------------------------------------- loss, padding, packing
+def test_loss_counts_only_masked_positions():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(2, 7, 11), torch.randint(0, 11, (2, 7))
+    loss_mask = torch.tensor([[0, 0, 1, 1, 0, 1, 0], [1, 0, 0, 0, 0, 0, 1]])
+    picked = -F.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    assert lm_loss(logits, targets, loss_mask).item() == pytest.approx(picked[loss_mask == 1].mean().item(), rel=1e-6)
+    noisy = logits + 100 * torch.randn_like(logits) * (loss_mask == 0)[..., None]
+    other_targets = torch.where(loss_mask == 1, targets, (targets + 1) % 11)
+    assert lm_loss(noisy, other_targets, loss_mask).item() == pytest.approx(lm_loss(logits, targets, loss_mask).item())
+
+
+def examples_loss(model, dataset, indices) -> float:
+    """Reference: each chat alone, no padding; the mean over all trained tokens."""
+    total, count = 0.0, 0
+    for i in indices:
+        x, y, m = (torch.from_numpy(a)[None] for a in dataset.examples[i])
+        n = int(m.sum())
+        total += lm_loss(model(x), y, m).item() * n
+        count += n
+    return total / count
+
+
+def test_padded_and_packed_batches_give_the_loss_of_separate_chats(tokenizer):
+    chats = [to_messages(r, "x:1") for r in make_chats(12, 3)] + [to_messages(MULTI_TURN, "x:2")]
+    dataset = SFTDataset(chats, tokenizer, seq_len=128)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**SFT_MODEL, "max_seq_len": 128})).eval()
+    padded = dataset.padded_batch([0, 12, 3])
+    longest = max(len(dataset.examples[i][0]) for i in (0, 12, 3))
+    assert padded["input_ids"].shape[1] == 64 * -(-longest // 64)  # rounded up to a multiple of 64
+    assert (padded["loss_mask"][padded["input_ids"] == tokenizer.pad_id] == 0).all()
+    loss = lm_loss(model(padded["input_ids"]), padded["labels"], padded["loss_mask"]).item()
+    assert loss == pytest.approx(examples_loss(model, dataset, [0, 12, 3]), rel=1e-5)
+
+    sampler = dataset.sampler(seed=0)
+    packed = dataset.packed_batch(sampler, batch_size=2)
+    order = RowSampler(len(dataset), seed=0).next(sampler.position)  # the chats it took, in order
+    assert sampler.position >= 4  # chats of ~36 tokens: several to a row
+    segment_ids, k = packed["segment_ids"], 0
+    for row in range(2):  # whole chats in sampler order, each its own segment, then padding
+        used = 0
+        for seg in segment_ids[row].unique().tolist():
+            if seg == 0:
+                continue
+            x = torch.from_numpy(dataset.examples[order[k]][0])
+            assert torch.equal(packed["input_ids"][row][segment_ids[row] == seg], x)
+            used, k = used + len(x), k + 1
+        following = order[k] if k < len(order) else sampler.peek()
+        assert used + len(dataset.examples[following][0]) > 128  # the next chat did not fit
+        assert (packed["loss_mask"][row][used:] == 0).all() and (segment_ids[row][used:] == 0).all()
+    assert k == len(order)
+    logits = model(packed["input_ids"], segment_ids=segment_ids)
+    loss = lm_loss(logits, packed["labels"], packed["loss_mask"]).item()
+    assert loss == pytest.approx(examples_loss(model, dataset, order), rel=1e-5)
+
+
+def test_row_sampler_permutes_each_epoch_and_resumes_exactly():
+    sampler = RowSampler(10, seed=3)
+    first, second = sampler.next(10), sampler.next(10)
+    assert sorted(first) == sorted(second) == list(range(10)) and first != second
+    resumed = RowSampler(10, seed=3)
+    resumed.load_state_dict({"position": 7})
+    assert resumed.next(8) == (first + second)[7:15]
+    ranks = [RowSampler(10, seed=3, rank=r, world=2).next(5) for r in range(2)]
+    assert sorted(ranks[0] + ranks[1]) == list(range(10))
+
+
+# ----------------------------------------------------------------------------- reading chats
+def test_bad_rows_name_file_and_line_or_are_counted(tmp_path):
+    good = make_chats(3, 0)
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join([json.dumps(good[0]), "{broken", json.dumps(good[1]),
+                               json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                        {"role": "assistant", "content": ""}]}),
+                               json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}),
+                               json.dumps({"prompt": "hi"}), json.dumps(good[2])]) + "\n")
+    with pytest.raises(DataError, match=r"chats.jsonl:2: not valid JSON"):
+        load_chats(str(path))
+    chats, skipped = load_chats(str(path), skip_bad_rows=True)
+    assert skipped == 4 and chats == [to_messages(g, "") for g in good]
+    path.write_text(json.dumps(good[0]) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
+    with pytest.raises(DataError, match=r"chats.jsonl:2: field 'output' is missing"):
+        load_chats(str(path))
+
+
+def test_hub_path_reads_the_same_chats_offline(tmp_path):
+    """minimind's sft_mini_512.jsonl has this shape; `hf:json` + a local file runs the datasets path offline."""
+    rows = make_chats(5, 0) + [{"conversations": MULTI_TURN["conversations"]}]
+    path = write_jsonl(tmp_path / "sft_mini_512.jsonl", rows)
+    assert load_chats("hf:json", hf_data_files=str(path)) == load_chats(str(path))
+
+
+# ----------------------------------------------------------------------------- evaluation and training
+def test_batched_greedy_replies_match_one_by_one_generation(tokenizer):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **SFT_MODEL)).eval()
+    prompts = [[{"role": "user", "content": c["conversations"][0]["content"][:n]}]
+               for c, n in zip(make_chats(5, 2), (8, 30, 15, 22, 3))]  # different lengths: left padding
+    replies = greedy_replies(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    for prompt, reply in zip(prompts, replies):
+        idx = torch.tensor([tokenizer.apply_chat_template(prompt, add_generation_prompt=True)])
+        out = model.generate(idx, 6, temperature=0, eos_id=[tokenizer.im_end_id, tokenizer.eot_id])[0, idx.shape[1]:]
+        out = out.tolist()
+        cut = next((i for i, t in enumerate(out) if t in (tokenizer.im_end_id, tokenizer.eot_id)), len(out))
+        assert reply == tokenizer.decode(out[:cut])
+    # Chats whose expected answer is the model's own reply count as right, the others as wrong.
+    records = [[*p, {"role": "assistant", "content": (r + " ") if i % 2 == 0 else "很好。"}]
+               for i, (p, r) in enumerate(zip(prompts, replies))]
+    assert answer_accuracy(model, tokenizer, records, max_new_tokens=6) == {
+        "answer_acc": pytest.approx(3 / 5), "answer_acc_en": 1.0, "answer_acc_zh": 0.0}
+
+
+def test_sft_learns_the_replies_and_resumes_exactly(sft_dirs):
+    trainer = SFTTrainer(sft_config(sft_dirs, max_steps=40, lr=1e-2, save_interval=100), {})
+    before = trainer.evaluate()
+    after = trainer.train()
+    assert after["val_loss"] < before["val_loss"] - 1.0, (before, after)
+    assert after["answer_acc"] > before["answer_acc"], (before, after)
+    assert checkpoint.load_run_info(sft_dirs / "sft")["init_from"] == str(sft_dirs / "pretrain")
+
+    def packed_run(out, **kw):  # packed batches: the sampler position is not a multiple of batch_size
+        return SFTTrainer(sft_config(sft_dirs, out_dir=str(sft_dirs / out), pack=True, eval_samples=0, **kw), {})
+
+    whole = packed_run("whole").train()
+    crashing = packed_run("resumed")
+    original, calls = crashing.next_batch, {"n": 0}
+
+    def crash_in_step_9():
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise RuntimeError("simulated crash")
+        return original()
+
+    crashing.next_batch = crash_in_step_9
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.train()
+    resumed = packed_run("resumed", resume=True)
+    assert resumed.step == 6
+    assert resumed.train()["val_loss"] == pytest.approx(whole["val_loss"], abs=1e-6)
+
+
+def test_missing_pretrain_checkpoint_is_a_clear_error(sft_dirs, monkeypatch):
+    monkeypatch.chdir(sft_dirs)
+    with pytest.raises(FileNotFoundError, match=r"no pretrain checkpoint under checkpoint/: run `python "
+                                                r"train_pretrain.py` first"):
+        SFTTrainer(sft_config(sft_dirs, init_from=""), {})
