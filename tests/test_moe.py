@@ -221,3 +221,25 @@ def test_moe_checkpoint_saves_resumes_and_loads(data_dir, tmp_path):
     idx = torch.randint(0, model.config.vocab_size, (1, 10))
     with torch.no_grad():
         assert torch.allclose(model(idx), whole(idx), atol=1e-5)
+
+
+def test_lora_wraps_the_expert_projections():
+    from lora import LoRALinear, apply_lora, lora_layers
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, **{**TINY_MODEL, **MOE})).train()
+    apply_lora(model, r=4)
+    wrapped = {name for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for i in range(TINY_MODEL["n_layers"]):
+        for group, n in (("experts", 4), ("shared_experts", 1)):
+            for j in range(n):
+                assert {f"layers.{i}.mlp.{group}.{j}.{p}" for p in ("gate_proj", "up_proj", "down_proj")} <= wrapped
+    assert len(wrapped) == TINY_MODEL["n_layers"] * (4 + 3 * 5)  # attention + 3 per expert; not the router
+    for layer in lora_layers(model):
+        torch.nn.init.normal_(layer.lora_B)  # B starts at zero; make the update visible
+    with collect_moe_stats(model) as stats:
+        loss = model(torch.randint(0, 64, (2, 8))).square().mean()
+    (loss + stats.aux_loss()).backward()
+    counts = stats.expert_counts[0]
+    for e, expert in enumerate(model.layers[0].mlp.experts):
+        assert (expert.up_proj.lora_A.grad.abs().sum() > 0) == (counts[e] > 0)
