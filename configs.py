@@ -35,6 +35,18 @@ class ModelConfig:
     tie_embeddings: bool = _help("share the token embedding with the output head", default=True)
     bias: bool = _help("use biases in the linear layers", default=False)
     attn_impl: str = _help("attention: 'sdpa' (fast, torch's fused kernel) or 'manual' (readable)", default="sdpa")
+    # Mixture-of-Experts (moe.py): each routed or shared expert is a SwiGLU of hidden_dim.
+    use_moe: bool = _help("replace every block's SwiGLU MLP with a Mixture-of-Experts layer", default=False)
+    n_routed_experts: int = _help("MoE: routed experts per layer", default=4)
+    num_experts_per_tok: int = _help("MoE: routed experts each token goes to (top-k)", default=2)
+    n_shared_experts: int = _help("MoE: always-on shared experts per layer", default=1)
+    norm_topk_prob: bool = _help("MoE: renormalise the top-k router weights to sum to 1", default=True)
+    aux_loss_alpha: float = _help("MoE: weight of the load-balancing loss added to the training loss",
+                                  default=0.01)
+    seq_aux: bool = _help("MoE: balance the experts within each sequence (else over the whole batch)",
+                          default=True)
+    capacity_factor: float = _help("MoE: an expert takes at most capacity_factor * its fair share of the "
+                                   "tokens, the rest are dropped; 0 = never drop", default=0.0)
 
     def __post_init__(self):
         if self.hidden_dim is None:
@@ -52,6 +64,12 @@ class ModelConfig:
             raise ValueError(f"model config: head size {self.dim // self.n_heads} must be even for RoPE")
         if self.attn_impl not in ("sdpa", "manual"):
             raise ValueError(f"model config: attn_impl={self.attn_impl!r} is not 'sdpa' or 'manual'")
+        if self.use_moe:
+            if self.n_routed_experts < 1 or not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
+                raise ValueError(f"model config: num_experts_per_tok={self.num_experts_per_tok} must be between 1 "
+                                 f"and n_routed_experts={self.n_routed_experts}")
+            if self.n_shared_experts < 0 or self.aux_loss_alpha < 0 or self.capacity_factor < 0:
+                raise ValueError("model config: n_shared_experts, aux_loss_alpha and capacity_factor must be >= 0")
 
     @property
     def head_dim(self) -> int:
@@ -68,6 +86,12 @@ PRESETS: dict[str, dict] = {
     # GPT-2 small's size (124M with its 50257 vocabulary), in the Llama layout.
     "gpt2-124m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, max_seq_len=1024, vocab_size=50304,
                       rope_theta=1e4, tie_embeddings=True),
+    # MiniMind2-MoE, 145M parameters (1 shared + top-2 of 4 routed experts per layer).
+    "minimind2-moe": dict(dim=640, n_layers=8, n_heads=8, n_kv_heads=2, max_seq_len=1024, use_moe=True,
+                          n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
+    # tiny with MoE: 3 experts of 128 active per token = tiny's hidden size of 384, so the same active size.
+    "tiny-moe": dict(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, max_seq_len=256, hidden_dim=128, use_moe=True,
+                     n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1),
 }
 
 

@@ -45,14 +45,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)); mlp is an MoE with use_moe."""
 
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = Attention(config, layer_idx)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
+        if config.use_moe:
+            from moe import MoE  # imported here: moe.py builds its experts from MLP above
+
+            self.mlp = MoE(config)
+        else:
+            self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
@@ -99,6 +104,16 @@ class GPT(nn.Module):
         """Parameter count (a tied embedding counted once)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding else n
+
+    def num_active_params(self, non_embedding: bool = False) -> int:
+        """Parameters used per token: with MoE, the routed experts a token does not visit are left out."""
+        inactive = sum(block.mlp.num_inactive_params() for block in self.layers) if self.config.use_moe else 0
+        return self.num_params(non_embedding) - inactive
+
+    def describe_size(self) -> str:
+        """'26.88M parameters', or with MoE '9.20M parameters, 4.10M active per token'."""
+        text = f"{self.num_params() / 1e6:.2f}M parameters"
+        return text + (f", {self.num_active_params() / 1e6:.2f}M active per token" if self.config.use_moe else "")
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
@@ -223,6 +238,9 @@ class GPT(nn.Module):
     def from_hf_llama(cls, hf_model) -> "GPT":
         """Build a GPT with the weights of a transformers LlamaForCausalLM."""
         c = hf_model.config
+        if getattr(c, "num_local_experts", None) or getattr(c, "n_routed_experts", None):
+            raise ValueError(f"from_hf_llama: {type(c).__name__} is a Mixture-of-Experts model; "
+                             "only dense Llama models convert")
         config = ModelConfig(
             vocab_size=c.vocab_size, dim=c.hidden_size, n_layers=c.num_hidden_layers,
             n_heads=c.num_attention_heads, n_kv_heads=c.num_key_value_heads, hidden_dim=c.intermediate_size,
@@ -243,9 +261,12 @@ class GPT(nn.Module):
 
     def to_hf_llama(self):
         """A transformers LlamaForCausalLM with this model's weights."""
+        c = self.config
+        if c.use_moe:
+            raise ValueError("to_hf_llama: this is a Mixture-of-Experts model (use_moe); only dense models "
+                             "convert to LlamaForCausalLM")
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        c = self.config
         hf_config = LlamaConfig(
             vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.hidden_dim,
             num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads,

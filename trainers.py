@@ -40,6 +40,7 @@ from dataset import PreferenceDataset, PretrainDataset, SFTDataset, load_chats
 from evals import answer_accuracy
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
+from moe import collect_moe_stats
 from tokenizer import Tokenizer
 
 
@@ -150,7 +151,9 @@ class Trainer:
         config = get_config(preset, **{"vocab_size": tokenizer.vocab_size, **self.model_overrides})
         if config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"model vocab_size {config.vocab_size} < tokenizer's {tokenizer.vocab_size}")
-        return GPT(config), tokenizer
+        model = GPT(config)
+        self.log(f"new {preset} model ({model.describe_size()})")
+        return model, tokenizer
 
     def load_pretrained(self, directory) -> tuple[GPT, Tokenizer]:
         """Model (with any model-field overrides such as dropout) and tokenizer of a checkpoint."""
@@ -158,7 +161,7 @@ class Trainer:
         config = ModelConfig(**{**asdict(config), **self.model_overrides})
         model = GPT(config)
         load_weights(model, directory)
-        self.log(f"loaded {directory} ({model.num_params() / 1e6:.2f}M parameters)")
+        self.log(f"loaded {directory} ({model.describe_size()})")
         return model, Tokenizer.from_pretrained(directory)
 
     def build_data(self):
@@ -234,8 +237,11 @@ class Trainer:
                     # Under DDP, gradients are all-reduced only on the last micro-batch.
                     sync = micro == cfg.grad_accum - 1
                     with model.no_sync() if self.ddp and not sync else nullcontext():
-                        with self.autocast:
+                        with self.autocast, collect_moe_stats(self.model) as moe:
                             loss, metrics = self.compute_loss(model, batch)
+                        if moe.aux_losses:  # MoE models: the load-balancing loss, in every stage
+                            loss = loss + self.model.config.aux_loss_alpha * moe.aux_loss()
+                            metrics = {**metrics, **moe.metrics()}
                         self.scaler.scale(loss / cfg.grad_accum).backward()
                     loss_finite &= torch.isfinite(loss.detach())
 
