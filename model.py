@@ -151,17 +151,23 @@ class GPT(nn.Module):
         """Yield the next tokens (B, 1) one step at a time, with a KV cache.
 
         The prompt idx (B, T) is processed once (prefill); each later step feeds only the newest token.
-        Stops after max_new_tokens, at the context limit, or when every row has produced an eos_id
-        (rows that finished early keep receiving eos). A prompt longer than the context keeps its end.
+        The model sees at most the last max_seq_len tokens: a longer prompt is cut from the left, and when
+        the context fills up it slides (each step re-reads the last max_seq_len tokens), as nanoGPT's crop does.
+        Stops after max_new_tokens or when every row has produced an eos_id (rows that finished early keep
+        receiving eos). The repetition penalty looks at the whole prompt and everything generated.
         """
-        eos = torch.tensor([eos_id] if isinstance(eos_id, int) else (eos_id or []), device=idx.device)
-        idx = idx[:, -self.config.max_seq_len:]
+        eos = torch.tensor([eos_id] if isinstance(eos_id, int) else (eos_id or []), dtype=torch.long,
+                           device=idx.device)
+        window = self.config.max_seq_len
         cache = self.new_kv_cache(idx.shape[0])
         finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
-        history, step_input = idx, idx  # history: what the repetition penalty looks at
-        for _ in range(min(max_new_tokens, self.config.max_seq_len - idx.shape[1])):
+        seq, step_input = idx, idx[:, -window:]
+        for _ in range(max_new_tokens):
+            if cache.pos + step_input.shape[1] > window:
+                cache.pos = 0  # the context is full: refill the same buffers with the newest tokens
+                step_input = seq[:, -window:]
             logits = self(step_input, cache=cache)[:, -1, :].float()
-            logits = apply_repetition_penalty(logits, history, repetition_penalty)
+            logits = apply_repetition_penalty(logits, seq, repetition_penalty)
             token = sample_next(logits, temperature, top_k, top_p, generator)
             if len(eos):
                 token = torch.where(finished, eos[0], token)
@@ -169,9 +175,7 @@ class GPT(nn.Module):
             yield token
             if finished.all():
                 return
-            step_input = token
-            if repetition_penalty != 1.0:
-                history = torch.cat([history, token], dim=1)
+            seq, step_input = torch.cat([seq, token], dim=1), token
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0, eos_id: int | list[int] | None = None,
@@ -179,7 +183,7 @@ class GPT(nn.Module):
         """idx (B, T) with up to max_new_tokens sampled tokens appended (temperature 0 = greedy)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                         eos_id, generator))
-        return torch.cat([idx[:, -self.config.max_seq_len:], *new], dim=1)
+        return torch.cat([idx, *new], dim=1)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         c = self.config

@@ -30,8 +30,9 @@ def filter_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = sorted_logits.softmax(dim=-1)
-    # A token is dropped if the tokens before it already reach p (the most likely one always stays).
+    # A token is dropped if the tokens before it already reach p; the most likely one always stays (also for p=0).
     drop_sorted = probs.cumsum(dim=-1) - probs >= p
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

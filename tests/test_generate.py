@@ -4,31 +4,56 @@ import torch
 
 from configs import ModelConfig
 from model import GPT
-from sampling import filter_top_k, filter_top_p
+from sampling import apply_repetition_penalty, filter_top_k, filter_top_p, sample_next
 
 SMALL = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=48)
+
+
+def uncached_greedy(model, idx, steps):
+    """nanoGPT's loop: the whole sequence (cropped to the context) through the model at every step."""
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(idx[:, -model.config.max_seq_len:])[:, -1]
+            idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
+    return idx
 
 
 def test_cached_greedy_generation_equals_uncached():
     torch.manual_seed(0)
     model = GPT(ModelConfig(**SMALL)).eval()
     prompt = torch.randint(0, 300, (2, 7))
-    got = model.generate(prompt, max_new_tokens=20, temperature=0)
-    idx = prompt
-    with torch.no_grad():
-        for _ in range(20):  # no cache: the whole sequence through the model at every step
-            idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(got, idx)
+    assert torch.equal(model.generate(prompt, max_new_tokens=20, temperature=0), uncached_greedy(model, prompt, 20))
 
 
-def test_generation_stops_at_eos_and_at_the_context():
+def test_generation_past_the_context_slides_like_the_uncached_crop():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**SMALL)).eval()
+    for length in (40, 60):  # fills the context while generating; longer than the context from the start
+        prompt = torch.randint(0, 300, (1, length))
+        got = model.generate(prompt, max_new_tokens=15, temperature=0)
+        assert got.shape[1] == length + 15 and torch.equal(got[:, :length], prompt)  # the prompt is returned whole
+        assert torch.equal(got, uncached_greedy(model, prompt, 15))
+
+
+def test_generation_stops_at_eos():
     torch.manual_seed(0)
     model = GPT(ModelConfig(**SMALL)).eval()
     prompt = torch.randint(0, 300, (1, 5))
     first = model.generate(prompt, max_new_tokens=1, temperature=0)[0, -1].item()
     assert model.generate(prompt, max_new_tokens=10, temperature=0, eos_id=first).shape[1] == 6
-    long = model.generate(torch.randint(0, 300, (1, 60)), max_new_tokens=10, temperature=0)
-    assert long.shape[1] == 48  # cut from the left to the context, nothing generated past it
+    assert model.generate(prompt, max_new_tokens=10, temperature=0, eos_id=[7, first]).shape[1] == 6
+    assert model.generate(prompt, max_new_tokens=10, temperature=0).shape[1] == 15
+
+
+def test_stream_yields_the_same_tokens_one_at_a_time():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**SMALL)).eval()
+    prompt = torch.randint(0, 300, (2, 6))
+    steps = list(model.generate_stream(prompt, 12, temperature=0.8, top_k=50,
+                                       generator=torch.Generator().manual_seed(3)))
+    assert len(steps) == 12 and all(s.shape == (2, 1) and s.dtype == torch.long for s in steps)
+    whole = model.generate(prompt, 12, temperature=0.8, top_k=50, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(torch.cat([prompt, *steps], dim=1), whole)
 
 
 def test_same_seed_same_sample():
@@ -47,5 +72,23 @@ def test_top_k_and_top_p_keep_exactly_the_right_tokens():
     # 0.5 + 0.2 = 0.7 < 0.75, so the third token is needed; the rest are not.
     assert torch.isfinite(filter_top_p(logits, 0.75)).tolist() == [[True, True, True, False, False]]
     assert torch.isfinite(filter_top_p(logits, 0.5)).tolist() == [[True, False, False, False, False]]
+    assert torch.isfinite(filter_top_p(logits, 0.0)).tolist() == [[True, False, False, False, False]]
     shuffled = logits[:, [3, 0, 4, 2, 1]]  # the same distribution in another order
     assert torch.isfinite(filter_top_p(shuffled, 0.75)).tolist() == [[False, True, False, True, True]]
+
+
+def test_sampling_draws_only_kept_tokens_in_proportion():
+    logits = torch.tensor([[0.5, 0.2, 0.15, 0.1, 0.05]]).log().expand(4000, 5)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, temperature=1.0, top_k=3, top_p=0.6, generator=g).flatten()
+    # top-k keeps 0.5, 0.2, 0.15; of those renormalised (0.59, 0.24, 0.18) top-p 0.6 keeps the first two
+    counts = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert counts[2:].sum() == 0
+    assert abs(counts[0] - 0.5 / 0.7) < 0.03
+    assert torch.equal(sample_next(logits[:2], temperature=0), torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
+    got = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
+    assert got.tolist() == [[1.0, -4.0, 1.0, 0.5]]

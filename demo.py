@@ -1,0 +1,331 @@
+"""Talk to a trained model: the reply streams token by token, and every session is saved as it goes.
+
+    python demo.py                                  # the newest checkpoint under checkpoint/
+    python demo.py --checkpoint checkpoint/sft --top_p 0.95 --system "You tell stories to children."
+    python demo.py --prompt "Who is Lily?"          # answer one prompt and exit (for scripts)
+
+A chat checkpoint (sft, dpo, lora) runs as a multi-turn chat through the ChatML template. A pretraining
+checkpoint has never seen the template, so it continues the text you type instead (--mode overrides).
+Commands: /help, /reset (forget the conversation), exit or quit (or Ctrl-D, Ctrl-C).
+Each session is written, turn by turn, to OUTPUT_DIR/<timestamp>/: transcript.md to read, and turns.jsonl
+with one record per turn (prompt, reply, sampling settings, checkpoint, token counts, speed).
+"""
+
+import codecs
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from checkpoint import WEIGHTS, latest_checkpoint
+from configs import _help, parse_args
+from model import GPT
+from tokenizer import Tokenizer
+from trainers import pick_device, pick_dtype
+
+ADAPTER_CONFIG = "adapter_config.json"  # marks a LoRA adapter checkpoint (weights of its base not included)
+TRAIN_FIRST = "python train_pretrain.py (then python train_sft.py for a chat model)"
+HELP = "commands: /reset forgets the conversation, /help shows this, exit or quit (or Ctrl-D) ends the session"
+
+
+@dataclass
+class DemoConfig:
+    checkpoint: str | None = _help("checkpoint directory; None = the newest under checkpoint/", default=None)
+    mode: str = _help("'chat' (ChatML, multi-turn), 'text' (continuation) or 'auto' (from the checkpoint's stage)",
+                      default="auto")
+    max_new_tokens: int = _help("longest reply, in tokens", default=256)
+    temperature: float = _help("sampling temperature; 0 = greedy (always the most likely token)", default=0.8)
+    top_k: int | None = _help("sample only among the k most likely tokens; None = off", default=None)
+    top_p: float | None = _help("nucleus sampling: only the most likely tokens that together reach this "
+                                "probability; None = off", default=0.95)
+    repetition_penalty: float = _help("> 1 makes tokens already in the conversation less likely", default=1.1)
+    seed: int | None = _help("random seed, for reproducible samples; None = a fresh one (saved with each turn)",
+                             default=None)
+    system: str | None = _help("system prompt (chat mode)", default=None)
+    device: str = _help("'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'mps'", default="auto")
+    dtype: str = _help("'auto' (bfloat16/float16 on CUDA, else float32), 'float32', 'bfloat16', 'float16'",
+                       default="auto")
+    output_dir: str = _help("sessions are saved under OUTPUT_DIR/<timestamp>/", default="demo")
+    prompt: str | None = _help("answer this one prompt, print the reply and exit", default=None)
+
+    def validate(self):
+        """One-line ValueErrors for settings that cannot work."""
+        checks = [("mode", self.mode in ("auto", "chat", "text"), "must be auto, chat or text"),
+                  ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
+                  ("temperature", self.temperature >= 0, "must be >= 0"),
+                  ("top_k", self.top_k is None or self.top_k >= 0, "must be >= 0"),
+                  ("top_p", self.top_p is None or 0 < self.top_p <= 1, "must be in (0, 1]"),
+                  ("repetition_penalty", self.repetition_penalty > 0, "must be > 0")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"--{name} {rule}, got {getattr(self, name)}")
+
+
+def info(message: str):
+    """Status lines go to stderr, so that stdout holds only the model's text (for --prompt in scripts)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def newest_checkpoint(root="checkpoint") -> Path | None:
+    """The most recently written full checkpoint or LoRA adapter directory under root."""
+    found = [d for d in [latest_checkpoint(root)] if d is not None]
+    if Path(root).is_dir():
+        found += [d for d in Path(root).iterdir() if (d / ADAPTER_CONFIG).exists() and not d.name.endswith(".tmp")]
+    marker = lambda d: d / WEIGHTS if (d / WEIGHTS).exists() else d / ADAPTER_CONFIG  # noqa: E731
+    return max(found, key=lambda d: marker(d).stat().st_mtime) if found else None
+
+
+def load_checkpoint(directory, device) -> tuple[GPT, Tokenizer, str | None]:
+    """(model, tokenizer, the stage that trained it) of a checkpoint or a LoRA adapter directory."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory; make one first: {TRAIN_FIRST}")
+    try:
+        if (directory / ADAPTER_CONFIG).exists():
+            try:
+                import lora  # the LoRA stage's module, only needed for adapters
+            except ImportError:
+                raise RuntimeError(f"{directory} is a LoRA adapter, but this version has no lora.py to load "
+                                   f"it onto its base model") from None
+            model, tokenizer = lora.load_lora_checkpoint(directory, device=device)
+        else:
+            model, tokenizer = GPT.from_pretrained(directory, device=device), Tokenizer.from_pretrained(directory)
+        run = directory / "run.json"
+        stage = json.loads(run.read_text()).get("stage") if run.exists() else None
+    except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"broken checkpoint: {e}; re-run the training stage that wrote it "
+                         f"(e.g. python train_pretrain.py)") from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                         f"{model.config.vocab_size}")
+    if stage is None and (directory / ADAPTER_CONFIG).exists():
+        stage = "lora"
+    return model, tokenizer, stage
+
+
+# ----------------------------------------------------------------------------- prompts and streaming text
+def chat_prompt(tokenizer: Tokenizer, system: str | None, turns: list[tuple[str, str]], user: str,
+                budget: int) -> tuple[list[int], int]:
+    """Ids of the conversation (earlier (user, assistant) turns, then the new message) ready for the reply.
+
+    If it is longer than budget tokens the oldest turns are dropped, never the newest; the system prompt
+    and the new message always stay. Returns (ids, number of earlier turns kept).
+    """
+    head = [{"role": "system", "content": system}] if system else []
+    for start in range(len(turns) + 1):
+        history = [{"role": role, "content": text} for turn in turns[start:]
+                   for role, text in zip(("user", "assistant"), turn)]
+        ids = tokenizer.apply_chat_template(head + history + [{"role": "user", "content": user}],
+                                            add_generation_prompt=True)
+        if len(ids) <= budget:
+            break
+    return ids, len(turns) - start
+
+
+class StreamDecoder:
+    """Token ids in, text out as soon as it is printable.
+
+    A multi-byte UTF-8 character (Chinese, emoji) is often split over several tokens: its bytes are held
+    back until the character is complete, so a stream never prints half a character as U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.utf8.decode(self.tokenizer.enc.decode_single_token_bytes(token_id))
+
+    def flush(self) -> str:
+        """Whatever is still held back (invalid bytes become U+FFFD, as in Tokenizer.decode)."""
+        return self.utf8.decode(b"", final=True)
+
+
+# ----------------------------------------------------------------------------- saved sessions
+def new_session_dir(root) -> Path:
+    """A fresh root/<YYYYmmdd-HHMMSS>[-n]/: mkdir fails on an existing name, so two sessions started in the
+    same second (even in two processes) get two directories."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count():
+        directory = root / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            directory.mkdir()
+            return directory
+        except FileExistsError:
+            continue
+
+
+class Transcript:
+    """transcript.md and turns.jsonl of one session, appended and flushed as it goes (a crash loses nothing)."""
+
+    def __init__(self, root):
+        self.dir = new_session_dir(root)
+        self.md = open(self.dir / "transcript.md", "a", encoding="utf-8")
+        self.jsonl = open(self.dir / "turns.jsonl", "a", encoding="utf-8")
+
+    def write(self, text: str):
+        self.md.write(text)
+        self.md.flush()
+
+    def add_turn(self, record: dict):
+        self.jsonl.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.jsonl.flush()
+
+    def close(self):
+        self.md.close()
+        self.jsonl.close()
+
+
+# ----------------------------------------------------------------------------- the session
+class Demo:
+    def __init__(self, cfg: DemoConfig):
+        cfg.validate()
+        self.cfg = cfg
+        self.device = pick_device(cfg.device)
+        if cfg.checkpoint is None:
+            found = newest_checkpoint("checkpoint")
+            if found is None:
+                raise FileNotFoundError(f"no checkpoint under checkpoint/; train one first: {TRAIN_FIRST}")
+            info(f"checkpoint: {found} (the newest under checkpoint/; --checkpoint DIR picks another)")
+        else:
+            found = Path(cfg.checkpoint)
+            info(f"checkpoint: {found}")
+        self.checkpoint = found
+        model, self.tokenizer, self.stage = load_checkpoint(found, self.device)
+        self.model = model.to(self.device, pick_dtype(cfg.dtype, self.device)).eval()
+        self.mode = cfg.mode if cfg.mode != "auto" else ("text" if self.stage in ("pretrain", None) else "chat")
+        if self.mode == "text":
+            info(f"text mode: the checkpoint (stage {self.stage or 'unknown'}) has not been trained on the chat "
+                 f"template, so it continues the text you type (--mode chat to chat anyway)")
+        else:
+            info(f"chat mode (stage {self.stage or 'unknown'}){' with a system prompt' if cfg.system else ''}")
+        context = self.model.config.max_seq_len
+        # Leave room for the reply in the context (at most half of it), so a long history does not make the
+        # model slide past its own question while answering.
+        self.budget = context - min(cfg.max_new_tokens, context // 2)
+        self.stop_ids = [self.tokenizer.im_end_id, self.tokenizer.eot_id]
+        self.seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") >> 1
+        self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
+        self.settings = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                                      "repetition_penalty")} | {"seed": self.seed}
+        self.turns: list[tuple[str, str]] = []  # the conversation since the last /reset
+        self.n_turns = 0
+        self.transcript = Transcript(cfg.output_dir)
+        self.transcript.write(
+            f"# {self.mode} session with {found}\n\nstarted {time.strftime('%Y-%m-%d %H:%M:%S')}; stage "
+            f"{self.stage or 'unknown'}; {model.num_params() / 1e6:.2f}M parameters on {self.device}; "
+            + ", ".join(f"{k}={v}" for k, v in self.settings.items()) + "\n\n"
+            + (f"**system:** {cfg.system}\n\n" if cfg.system and self.mode == "chat" else ""))
+
+    def prompt_ids(self, text: str) -> tuple[list[int], int]:
+        """The ids to continue, and how many earlier turns they include."""
+        if self.mode == "chat":
+            ids, kept = chat_prompt(self.tokenizer, self.cfg.system, self.turns, text, self.budget)
+        else:
+            ids, kept = self.tokenizer.encode(text), 0
+        if len(ids) > self.budget:
+            info(f"[the prompt is {len(ids)} tokens, longer than the {self.budget} that fit before the reply: "
+                 f"only its last {self.budget} tokens are used]")
+            ids = ids[-self.budget:]
+        return ids, kept
+
+    def generate(self, ids: list[int]) -> tuple[str, int, str, float]:
+        """Stream the reply to stdout; returns (text, tokens, why it stopped, seconds)."""
+        cfg = self.cfg
+        decoder, pieces, n, stop = StreamDecoder(self.tokenizer), [], 0, "max_new_tokens"
+        t0 = time.perf_counter()
+        try:
+            for token in self.model.generate_stream(
+                    torch.tensor([ids], device=self.device), cfg.max_new_tokens, cfg.temperature, cfg.top_k,
+                    cfg.top_p, cfg.repetition_penalty, self.stop_ids, self.generator):
+                token = token.item()
+                if token in self.stop_ids:
+                    stop = "eos"
+                    break
+                n += 1
+                pieces.append(decoder.push(token))
+                print(pieces[-1], end="", flush=True)
+        except KeyboardInterrupt:
+            stop = "interrupted"
+        pieces.append(decoder.flush())
+        print(pieces[-1], flush=True)
+        return "".join(pieces), n, stop, time.perf_counter() - t0
+
+    def turn(self, text: str) -> bool:
+        """Answer one message and save the turn; False if Ctrl-C interrupted it (the session then ends)."""
+        ids, kept = self.prompt_ids(text)
+        if kept < len(self.turns):
+            info(f"[the conversation is longer than the context: the oldest {len(self.turns) - kept} turn(s) "
+                 f"are left out]")
+        self.transcript.write(f"**{'user' if self.mode == 'chat' else 'prompt'}:** {text}\n\n")
+        reply, n, stop, seconds = self.generate(ids)
+        speed = n / seconds if seconds > 0 else 0.0
+        info(f"[{n} tokens, {speed:.1f} tokens/s{', interrupted' if stop == 'interrupted' else ''}]")
+        self.n_turns += 1
+        self.transcript.write(f"**{'assistant' if self.mode == 'chat' else 'continuation'}:** {reply}\n\n"
+                              f"*{n} tokens, {speed:.1f} tokens/s, stopped by {stop}*\n\n")
+        self.transcript.add_turn({
+            "turn": self.n_turns, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(self.checkpoint),
+            "stage": self.stage, "mode": self.mode, "system": self.cfg.system if self.mode == "chat" else None,
+            "prompt": text, "reply": reply, "stop": stop, "context_turns": kept,
+            "dropped_turns": len(self.turns) - kept, "prompt_tokens": len(ids), "reply_tokens": n,
+            "seconds": round(seconds, 4), "tokens_per_s": round(speed, 2), "settings": self.settings})
+        if self.mode == "chat":
+            self.turns.append((text, reply))
+        return stop != "interrupted"
+
+    def run(self):
+        try:
+            if self.cfg.prompt is not None:
+                self.turn(self.cfg.prompt)
+                return
+            info(HELP)
+            echo = not sys.stdin.isatty()  # piped input is not shown by the terminal: show it
+            while True:
+                try:
+                    line = input("you> " if self.mode == "chat" else "text> ")
+                except (EOFError, KeyboardInterrupt):
+                    print()
+                    return
+                if echo:
+                    print(line)
+                text = line.strip()
+                if text in ("exit", "quit"):
+                    return
+                if text == "/reset":
+                    self.turns = []
+                    self.transcript.write("*(conversation reset)*\n\n")
+                    info("[conversation cleared]")
+                elif text == "/help":
+                    info(HELP)
+                elif text.startswith("/"):
+                    info(f"unknown command {text}; {HELP}")
+                elif text and not self.turn(text):
+                    return
+        finally:
+            self.transcript.close()
+            info(f"session saved in {self.transcript.dir}")
+
+
+def main(argv: list[str] | None = None):
+    cfg = parse_args(DemoConfig, argv, description=__doc__)
+    try:
+        demo = Demo(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+    try:
+        demo.run()
+    except KeyboardInterrupt:  # outside a reply or the input line; the transcript is already closed
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""demo.py: a piped chat session and its saved transcript, one-shot prompts, history dropping, streaming text."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import checkpoint
+import demo
+from configs import ModelConfig
+from model import GPT
+from tests.conftest import TINY_MODEL
+
+
+def make_checkpoint(directory, tokenizer, stage, max_seq_len=64):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY_MODEL, "max_seq_len": max_seq_len}))
+    checkpoint.save_checkpoint(directory, model, tokenizer, {"stage": stage})
+    return directory
+
+
+def expected_reply(directory, tokenizer, ids, max_new_tokens, **sampling):
+    """The reply computed independently of demo.py: GPT.generate on the same ids, cut at the stop tokens."""
+    model = GPT.from_pretrained(directory).eval()
+    out = model.generate(torch.tensor([ids]), max_new_tokens, **sampling)[0, len(ids):].tolist()
+    stops = [i for i, t in enumerate(out) if t in (tokenizer.im_end_id, tokenizer.eot_id)]
+    return tokenizer.decode(out[:stops[0]] if stops else out)
+
+
+def read_session(output_dir):
+    (session,) = list(output_dir.iterdir())
+    records = [json.loads(line) for line in (session / "turns.jsonl").read_text().splitlines()]
+    return records, (session / "transcript.md").read_text()
+
+
+def test_piped_chat_session_is_streamed_and_saved(tmp_path, tokenizer):
+    ckpt = make_checkpoint(tmp_path / "sft", tokenizer, "sft", max_seq_len=256)  # the whole chat fits
+    result = subprocess.run(
+        [sys.executable, "demo.py", "--checkpoint", str(ckpt), "--output_dir", str(tmp_path / "out"),
+         "--temperature", "0", "--max_new_tokens", "6", "--repetition_penalty", "1.0", "--system", "Be kind."],
+        input="hello\nhow are you\n/reset\nhi\nexit\n", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "chat mode" in result.stderr and "Traceback" not in result.stderr
+    records, transcript = read_session(tmp_path / "out")
+    assert [r["prompt"] for r in records] == ["hello", "how are you", "hi"]
+    assert [r["context_turns"] for r in records] == [0, 1, 0]  # /reset forgot the first two turns
+    system = [{"role": "system", "content": "Be kind."}]
+    conversations = [[{"role": "user", "content": "hello"}],
+                     [{"role": "user", "content": "hello"}, {"role": "assistant", "content": records[0]["reply"]},
+                      {"role": "user", "content": "how are you"}],
+                     [{"role": "user", "content": "hi"}]]
+    for record, messages in zip(records, conversations):
+        ids = tokenizer.apply_chat_template(system + messages, add_generation_prompt=True)
+        assert record["reply"] == expected_reply(ckpt, tokenizer, ids, 6, temperature=0)
+        assert record["prompt_tokens"] == len(ids) and 1 <= record["reply_tokens"] <= 6
+        assert record["settings"]["temperature"] == 0 and record["checkpoint"] == str(ckpt)
+        assert record["tokens_per_s"] > 0 and record["stage"] == "sft" and record["mode"] == "chat"
+        assert record["reply"] in result.stdout and record["reply"] in transcript
+    assert "**system:** Be kind." in transcript and "(conversation reset)" in transcript
+    assert result.stderr.count("tokens/s") == 3
+
+
+def test_one_shot_prompt_continues_text_with_a_reproducible_seed(tmp_path, tokenizer, capsys):
+    ckpt = make_checkpoint(tmp_path / "pretrain", tokenizer, "pretrain")
+    args = ["--checkpoint", str(ckpt), "--prompt", "Tom has a", "--seed", "5", "--max_new_tokens", "10"]
+    for run in ("a", "b"):
+        demo.main(args + ["--output_dir", str(tmp_path / run)])
+    out, err = capsys.readouterr()
+    assert "text mode" in err
+    (a,), _ = read_session(tmp_path / "a")
+    (b,), _ = read_session(tmp_path / "b")
+    assert a["mode"] == "text" and a["reply"] == b["reply"] and out == f"{a['reply']}\n{b['reply']}\n"
+    reference = expected_reply(ckpt, tokenizer, tokenizer.encode("Tom has a"), 10, temperature=0.8, top_p=0.95,
+                               repetition_penalty=1.1, generator=torch.Generator().manual_seed(5))
+    assert a["reply"] == reference
+
+
+def test_a_prompt_longer_than_the_context_is_cut_from_the_left_with_a_notice(tmp_path, tokenizer, capsys):
+    ckpt = make_checkpoint(tmp_path / "pretrain", tokenizer, "pretrain")
+    long = " ".join(["Mia has a kite."] * 40)
+    demo.main(["--checkpoint", str(ckpt), "--prompt", long, "--max_new_tokens", "8", "--output_dir",
+               str(tmp_path / "out")])
+    (record,), _ = read_session(tmp_path / "out")
+    assert record["prompt_tokens"] == 64 - 8  # the context minus the room kept for the reply
+    assert "only its last 56 tokens are used" in capsys.readouterr().err
+
+
+def test_oldest_turns_are_dropped_first(tokenizer):
+    turns = [(f"question {i}", f"answer {i}") for i in range(6)]
+    full, kept = demo.chat_prompt(tokenizer, "sys", turns, "new", budget=10_000)
+    assert kept == 6
+    ids, kept = demo.chat_prompt(tokenizer, "sys", turns, "new", budget=len(full) - 1)
+    assert kept == 5 and len(ids) < len(full)
+    ids, kept = demo.chat_prompt(tokenizer, "sys", turns, "new", budget=len(full) // 2)
+    text = tokenizer.decode(ids)
+    assert 0 < kept < 5 and len(ids) <= len(full) // 2
+    assert "sys" in text and "answer 5" in text and text.endswith("new<|im_end|>\n<|im_start|>assistant\n")
+    assert "question 0" not in text
+
+
+def test_stream_decoder_holds_back_partial_characters(tokenizer):
+    text = "Tom 你好 😀 has a cake."
+    decoder = demo.StreamDecoder(tokenizer)
+    pieces = [decoder.push(t) for t in tokenizer.encode(text)] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert "" in pieces and not any("\ufffd" in p for p in pieces)  # bytes were held back, never garbled
+    broken = [tokenizer.mergeable_ranks[bytes([b])] for b in "你".encode()[:2]]  # a character cut short
+    decoder = demo.StreamDecoder(tokenizer)
+    assert "".join(decoder.push(t) for t in broken) + decoder.flush() == tokenizer.decode(broken) == "\ufffd"
+
+
+def test_ctrl_c_during_a_reply_keeps_what_was_said(tmp_path, tokenizer):
+    ckpt = make_checkpoint(tmp_path / "sft", tokenizer, "sft")
+    cfg = demo.DemoConfig(checkpoint=str(ckpt), prompt="hello", output_dir=str(tmp_path / "out"), temperature=0,
+                          max_new_tokens=20)
+    session = demo.Demo(cfg)
+    original = session.model.generate_stream
+
+    def interrupted(*args, **kwargs):
+        yield from list(original(*args, **kwargs))[:3]
+        raise KeyboardInterrupt
+
+    session.model.generate_stream = interrupted
+    session.run()
+    (record,), transcript = read_session(tmp_path / "out")
+    assert record["stop"] == "interrupted" and record["reply_tokens"] == 3
+    assert "**user:** hello" in transcript and record["reply"] in transcript
+
+
+def test_sessions_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo.time, "strftime", lambda fmt: "20250101-120000")
+    dirs = [demo.new_session_dir(tmp_path) for _ in range(3)]
+    assert len(set(dirs)) == 3 and all(d.is_dir() for d in dirs)
+
+
+def test_the_newest_checkpoint_is_picked(tmp_path, tokenizer):
+    for i, stage in enumerate(("sft", "pretrain")):
+        make_checkpoint(tmp_path / stage, tokenizer, stage)
+        os.utime(tmp_path / stage / checkpoint.WEIGHTS, (1000 + i, 1000 + i))
+    assert demo.newest_checkpoint(tmp_path) == tmp_path / "pretrain"
+    (tmp_path / "lora").mkdir()
+    (tmp_path / "lora" / demo.ADAPTER_CONFIG).write_text("{}")
+    assert demo.newest_checkpoint(tmp_path) == tmp_path / "lora"
+
+
+def test_missing_broken_or_unloadable_checkpoints_are_one_line_errors(tmp_path, tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"^error: no checkpoint under checkpoint/; train one first: "
+                                         r"python train_pretrain.py"):
+        demo.main([])
+    ckpt = make_checkpoint(tmp_path / "checkpoint" / "pretrain", tokenizer, "pretrain")
+    (ckpt / checkpoint.WEIGHTS).write_bytes(b"not safetensors")
+    with pytest.raises(SystemExit, match=r"^error: broken checkpoint: .*model.safetensors: cannot read weights"):
+        demo.main([])
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / demo.ADAPTER_CONFIG).write_text("{}")
+    monkeypatch.setitem(sys.modules, "lora", None)  # as if lora.py did not exist
+    with pytest.raises(SystemExit, match="is a LoRA adapter, but this version has no lora.py"):
+        demo.main(["--checkpoint", "adapter"])
+    with pytest.raises(SystemExit, match=r"^error: --top_p must be in \(0, 1\], got 1.5$"):
+        demo.main(["--top_p", "1.5"])
