@@ -351,8 +351,7 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
         # generate = one prefill (which yields the first token) + n - 1 single-token steps
         results[k] = {"prefill_tok_s": prompt.numel() / t_prefill[k],
                       "decode_tok_s": cfg.gen_batch_size * (n - 1) / max(t_gen[k] - t_prefill[k], 1e-9)}
-    ours = runners.get("ours") or build_runners(cfg, device, dtype, ("ours",))["ours"]
-    results["floor"] = matvec_floor(ours.model.to(dtype), cfg.gen_batch_size, device, reps=max(10, cfg.steps))
+    results["floor"] = matvec_floor(runners["ours"].model, cfg.gen_batch_size, device, reps=max(10, cfg.steps))
     return results
 
 
