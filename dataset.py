@@ -10,23 +10,26 @@ import torch
 
 
 class WindowSampler:
-    """Deterministic random window starts: batch number n of rank r depends only on (seed, r, n).
+    """Deterministic random window starts: global batch number n depends only on (seed, n).
 
-    Its whole state is `position`, the number of batches drawn, so a resumed run draws exactly the
-    batches the interrupted run would have drawn next.
+    Under DDP each of `world` ranks takes its contiguous block of batch_size rows of the global batch
+    (batch_size * world rows), so N ranks with batch_size B see exactly the windows of one process with
+    batch_size N * B. Its whole state is `position`, the number of batches drawn, so a resumed run draws
+    exactly the batches the interrupted run would have drawn next.
     """
 
-    def __init__(self, n_tokens: int, window: int, batch_size: int, seed: int, rank: int = 0):
+    def __init__(self, n_tokens: int, window: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         if n_tokens <= window:
             raise ValueError(f"{n_tokens} tokens are too few for windows of {window} tokens")
         self.n_starts = n_tokens - window
-        self.batch_size, self.seed, self.rank = batch_size, seed, rank
+        self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.position = 0
 
     def next(self) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, self.rank, self.position])
+        rng = np.random.default_rng([self.seed, self.position])
         self.position += 1
-        return rng.integers(0, self.n_starts, size=self.batch_size)
+        starts = rng.integers(0, self.n_starts, size=self.batch_size * self.world)
+        return starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def state_dict(self) -> dict:
         return {"position": self.position}
@@ -52,8 +55,8 @@ class PretrainDataset:
         self.seq_len = seq_len
         self.meta = meta
 
-    def sampler(self, batch_size: int, seed: int, rank: int = 0) -> WindowSampler:
-        return WindowSampler(len(self.tokens), self.seq_len + 1, batch_size, seed, rank)
+    def sampler(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> WindowSampler:
+        return WindowSampler(len(self.tokens), self.seq_len + 1, batch_size, seed, rank, world)
 
     def batch(self, starts: np.ndarray) -> dict[str, torch.Tensor]:
         """input_ids and labels (B, seq_len): labels are the inputs shifted by one token."""
@@ -443,9 +446,9 @@ class PreferenceDataset:
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def sampler(self, batch_size: int, seed: int, rank: int = 0) -> WindowSampler:
+    def sampler(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> WindowSampler:
         """Random pair indices (windows of length 0 over the pairs), resumable like the pretraining sampler."""
-        return WindowSampler(len(self.pairs), 0, batch_size, seed, rank)
+        return WindowSampler(len(self.pairs), 0, batch_size, seed, rank, world)
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """input_ids, labels, loss_mask (2B, T): rows [0, B) chosen, [B, 2B) rejected, right-padded.

@@ -112,10 +112,12 @@ class Trainer:
             self.device = pick_device(self.cfg.device)
         self.master = self.rank == 0
 
-    def _wrap(self, model):
+    def _wrap(self, model, compile_it: bool | None = None):
         """torch.compile (where it works) and DDP around the model the loop trains."""
-        compile_it = self.cfg.compile == "true" or (
-            self.cfg.compile == "auto" and self.device.type == "cuda" and platform.system() == "Linux")
+        if compile_it is None:
+            compile_it = self.cfg.compile == "true" or (
+                self.cfg.compile == "auto" and self.device.type == "cuda" and platform.system() == "Linux")
+        self.compiled = compile_it
         if compile_it:
             model = torch.compile(model)
         if self.ddp:
@@ -167,7 +169,7 @@ class Trainer:
     def build_data(self):
         self.train_data = PretrainDataset(self.cfg.data_dir, "train", self.seq_len)
         self.val_data = PretrainDataset(self.cfg.data_dir, "val", self.seq_len)
-        self.sampler = self.train_data.sampler(self.cfg.batch_size, self.cfg.seed, self.rank)
+        self.sampler = self.train_data.sampler(self.cfg.batch_size, self.cfg.seed, self.rank, self.world)
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         return self.to_device(self.train_data.batch(self.sampler.next()))
@@ -179,7 +181,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean loss over the same eval_iters validation batches each time (so evaluations compare)."""
-        sampler = self.val_data.sampler(self.cfg.batch_size, seed=0, rank=self.rank)
+        sampler = self.val_data.sampler(self.cfg.batch_size, seed=0, rank=self.rank, world=self.world)
         losses = []
         for _ in range(self.cfg.eval_iters):
             batch = self.to_device(self.val_data.batch(sampler.next()))
@@ -215,6 +217,7 @@ class Trainer:
     def train(self) -> dict[str, float]:
         cfg, model = self.cfg, self.train_model
         tokens_per_step = 0
+        compile_unproven = self.compiled  # until the first compiled step has run
         t_log, tokens_since_log = time.time(), 0
         last_eval: dict[str, float] = {}
         bad_steps = 0
@@ -236,13 +239,19 @@ class Trainer:
                     tokens_per_step += self.tokens_in(batch)
                     # Under DDP, gradients are all-reduced only on the last micro-batch.
                     sync = micro == cfg.grad_accum - 1
-                    with model.no_sync() if self.ddp and not sync else nullcontext():
-                        with self.autocast, collect_moe_stats(self.model) as moe:
-                            loss, metrics = self.compute_loss(model, batch)
-                        if moe.aux_losses:  # MoE models: the load-balancing loss, in every stage
-                            loss = loss + self.model.config.aux_loss_alpha * moe.aux_loss()
-                            metrics = {**metrics, **moe.metrics()}
-                        self.scaler.scale(loss / cfg.grad_accum).backward()
+                    try:
+                        loss, metrics = self.forward_backward(model, batch, sync)
+                    except Exception as e:
+                        # torch.compile fails lazily, on the first call (no C++ compiler, MPS, Windows,
+                        # an old torch): fall back to eager once, with a message, rather than crash.
+                        if not compile_unproven:
+                            raise
+                        reason = (str(e).strip().splitlines() or [""])[0][:200]
+                        self.log(f"torch.compile failed ({type(e).__name__}: {reason}); training in eager mode")
+                        self.optimizer.zero_grad(set_to_none=True)
+                        model = self.train_model = self._wrap(self.model, compile_it=False)
+                        loss, metrics = self.forward_backward(model, batch, sync)
+                    compile_unproven = False
                     loss_finite &= torch.isfinite(loss.detach())
 
                 self.scaler.unscale_(self.optimizer)
@@ -287,6 +296,17 @@ class Trainer:
         self.save()
         return last_eval
 
+    def forward_backward(self, model, batch, sync: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss and backward of one micro-batch; under DDP, gradients are all-reduced only when sync."""
+        with model.no_sync() if self.ddp and not sync else nullcontext():
+            with self.autocast, collect_moe_stats(self.model) as moe:
+                loss, metrics = self.compute_loss(model, batch)
+            if moe.aux_losses:  # MoE models: the load-balancing loss, in every stage
+                loss = loss + self.model.config.aux_loss_alpha * moe.aux_loss()
+                metrics = {**metrics, **moe.metrics()}
+            self.scaler.scale(loss / self.cfg.grad_accum).backward()
+        return loss, metrics
+
     def run_eval(self) -> dict[str, float]:
         self.model.eval()
         results = self.evaluate()
@@ -312,18 +332,33 @@ class Trainer:
 
     def train_state(self) -> dict:
         """Everything besides the weights that --resume needs to continue exactly."""
-        state = {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                 "cpu_rng": torch.get_rng_state(), "sampler": self.sampler.state_dict()}
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                "sampler": self.sampler.state_dict(), **self._rng_state()}
+
+    def save(self):
+        """Write the checkpoint (rank 0 only; the others wait so no rank runs ahead of a save)."""
+        rank_rng = None
+        if self.ddp:  # each rank's RNG (its own dropout stream), so every rank resumes exactly
+            rank_rng = [None] * self.world
+            dist.all_gather_object(rank_rng, self._rng_state())
+        if self.master:
+            state = self.train_state()
+            if rank_rng is not None:
+                state["rank_rng"] = rank_rng
+            save_checkpoint(self.out_dir, self.model, self.tokenizer, self.run_info(), state)
+        if self.ddp:
+            dist.barrier()
+
+    def _rng_state(self) -> dict:
+        state = {"cpu_rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def save(self):
-        """Write the checkpoint (rank 0 only; the others wait so no rank runs ahead of a save)."""
-        if self.master:
-            save_checkpoint(self.out_dir, self.model, self.tokenizer, self.run_info(), self.train_state())
-        if self.ddp:
-            dist.barrier()
+    def _set_rng_state(self, state: dict):
+        torch.set_rng_state(state["cpu_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
 
     def load_state(self):
         """Restore optimizer, scaler, RNG and data position from out_dir (the weights came in build_model)."""
@@ -331,9 +366,8 @@ class Trainer:
         self.step = state["step"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["cpu_rng"])
-        if "cuda_rng" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        rank_rng = state.get("rank_rng")
+        self._set_rng_state(rank_rng[self.rank] if rank_rng and len(rank_rng) == self.world else state)
         self.sampler.load_state_dict(state["sampler"])
         info = load_run_info(self.out_dir)
         self.log(f"resuming {info.get('stage', self.stage)} from step {self.step} in {self.out_dir}")
@@ -553,7 +587,7 @@ class DPOTrainer(Trainer):
             self.log(f"{path}: {len(data[split])} pairs, {data[split].n_truncated} truncated to {self.seq_len} "
                      f"tokens, {data[split].n_skipped} malformed rows skipped")
         self.train_data, self.val_data = data["train"], data["val"]
-        self.sampler = self.train_data.sampler(cfg.batch_size, cfg.seed, self.rank)
+        self.sampler = self.train_data.sampler(cfg.batch_size, cfg.seed, self.rank, self.world)
         self.reference.to(self.device).eval()
         if cfg.precompute_ref:
             for dataset in (self.train_data, self.val_data):

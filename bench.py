@@ -1,0 +1,434 @@
+"""Benchmark: training and generation speed, peak memory and MFU, ours against HF transformers' Llama.
+
+    python bench.py --preset minimind2-small --batch_size 8 --seq_len 256          # CPU, float32
+    python bench.py --preset minimind2 --batch_size 16 --seq_len 1024              # GPU: bf16 autocast
+    python bench.py --parts pretrain,generate --hf false --out my.json
+
+For the preset and batch shape given, it times training steps (forward, backward, AdamW) of
+  pretrain   next-token loss over every token
+  sft        the same with a loss mask (only the second half of each row counts, like reply tokens)
+  dpo        batch_size preference pairs (2 * batch_size rows): policy forward/backward plus a no-grad
+             forward of a frozen reference copy
+  dpo_pre    the same with precomputed reference log-probabilities (no reference forward)
+and generation at --gen_batch_size: prefill and KV-cache decode tokens/s with `GPT.generate` against HF
+`generate` (greedy), beside the floor of decoding: the bare weight matrix-vector products of one token.
+HF's LlamaForCausalLM, built from our weights with `GPT.to_hf_llama`, runs at the same shape in the same
+process, interleaved step by step (who goes first alternates) so that machine noise hits both. Warm-up steps
+are not counted; the median of the timed steps is reported; CUDA timings synchronise. Peak memory is
+measured per implementation and part in a fresh child process (CUDA max allocated; on CPU the peak RSS
+above the process's RSS after imports). MFU = FLOPs per token (`train_flops_per_token`) x tokens/s over the
+device's peak: `--peak_tflops`, else the GPU table, else a large matmul measured here (CPU).
+"""
+
+import copy
+import json
+import multiprocessing
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from configs import ModelConfig, _help, get_config, parse_args
+from loss import lm_loss
+from model import GPT
+from trainers import pick_device, pick_dtype
+
+PARTS = ("pretrain", "sft", "dpo", "dpo_pre", "generate")
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOPS, from the vendors' data sheets; the first name
+# contained in torch.cuda.get_device_name() wins, so the more specific names come first.
+GPU_PEAK_TFLOPS = [
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
+    ("A100", 312.0), ("A10G", 70.0), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
+    ("RTX 6000 Ada", 364.0), ("RTX A6000", 155.0), ("RTX 4090", 165.0), ("RTX 4080", 97.0),
+    ("RTX 3090", 71.0), ("RTX 3080", 59.5), ("V100", 125.0), ("T4", 65.0),  # V100, T4: fp16 (no bf16)
+]
+
+
+@dataclass
+class BenchConfig:
+    preset: str = _help("model preset (tiny, minimind2-small, minimind2, gpt2-124m)", default="minimind2-small")
+    vocab_size: int = _help("vocabulary size (minimind's tokenizer has 6400)", default=6400)
+    batch_size: int = _help("training rows per step (DPO: pairs, so twice the rows)", default=8)
+    seq_len: int = _help("tokens per row", default=256)
+    device: str = _help("'auto' (cuda, then mps, then cpu), or cpu, cuda, mps", default="auto")
+    dtype: str = _help("'auto' (bf16 autocast on GPUs, float32 on CPU), float32, bfloat16, float16", default="auto")
+    compile: str = _help("torch.compile our model for training: auto (CUDA on Linux), true or false",
+                         default="auto")
+    grad_checkpoint: bool = _help("activation checkpointing in both models (ours and HF's)", default=False)
+    parts: str = _help(f"comma-separated, of: {', '.join(PARTS)}", default=",".join(PARTS))
+    hf: bool = _help("also measure HF transformers' LlamaForCausalLM (if installed)", default=True)
+    warmup: int = _help("untimed warm-up steps per part", default=2)
+    steps: int = _help("timed steps per part (the median is reported)", default=5)
+    memory: bool = _help("measure peak memory (one child process per implementation and part)", default=True)
+    gen_batch_size: int = _help("rows generated at once", default=1)
+    prompt_len: int = _help("prompt tokens for generation", default=64)
+    new_tokens: int = _help("tokens generated after the prompt", default=64)
+    peak_tflops: float = _help("the device's peak TFLOPS for MFU; 0 = GPU table, else a measured matmul",
+                               default=0.0)
+    out: str = _help("where the JSON results go", default="bench.json")
+
+
+# ----------------------------------------------------------------------------- FLOPs and peak
+def matmul_params(c: ModelConfig) -> int:
+    """Weights that take part in a matrix multiply per token: every projection and the output head
+    (the embedding is a lookup, so a tied embedding is counted once, as the head)."""
+    q = o = c.dim * c.n_heads * c.head_dim
+    k = v = c.dim * c.n_kv_heads * c.head_dim
+    mlp = 3 * c.dim * c.hidden_dim
+    return c.n_layers * (q + k + v + o + mlp) + c.dim * c.vocab_size
+
+
+def train_flops_per_token(c: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token, as in PaLM (Chowdhery et al. 2022, appendix B):
+
+    6 * N for the weight matmuls (2 FLOPs per multiply-add forward, twice that backward), plus
+    12 * n_layers * (n_heads * head_dim) * seq_len for attention (q.k^T and the weighted sum of v, each
+    2 * n_heads * head_dim * seq_len FLOPs per token forward, x3 with backward), over the full sequence,
+    not halved for the causal mask. The real vocabulary counts, not its padding. A forward alone is 1/3.
+    """
+    return 6 * matmul_params(c) + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+
+def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """The device's practical peak: a large square matmul, median of reps."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    times = [timed(lambda: a @ b, device) for _ in range(reps + 1)][1:]
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def device_peak(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak TFLOPS, where it came from)."""
+    if cfg.peak_tflops > 0:
+        return cfg.peak_tflops, "--peak_tflops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in GPU_PEAK_TFLOPS:
+            if key in name:
+                return tflops, f"table: {name}, dense bf16"
+    return measured_matmul_tflops(device, dtype), f"measured: {dtype_name(dtype)} 2048x2048 matmul on {device.type}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ----------------------------------------------------------------------------- timing
+def sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds fn() takes, with the GPU's queued work included."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def interleaved(fns: dict, warmup: int, steps: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per call of each fn, calling them in turn (the first of each round alternates)."""
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(warmup + steps):
+        for name in names if i % 2 == 0 else names[::-1]:
+            dt = timed(fns[name], device)
+            if i >= warmup:
+                times[name].append(dt)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+# ----------------------------------------------------------------------------- the models and steps
+class Runner:
+    """One implementation (ours or HF) with its optimizer and, for DPO, a frozen reference copy."""
+
+    def __init__(self, name: str, model: torch.nn.Module, cfg: BenchConfig, device, dtype):
+        self.name, self.model, self.device = name, model.to(device), device
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+        self.forward = model
+        self.reference = None
+        if name == "ours":
+            model.grad_checkpoint = cfg.grad_checkpoint
+            self.forward = compiled_or_eager(model, cfg, device)
+        elif cfg.grad_checkpoint:
+            model.gradient_checkpointing_enable()
+
+    def logits(self, model, ids):
+        if self.name == "ours":
+            return model(ids)
+        return model(input_ids=ids, use_cache=False).logits
+
+    def train_step(self, part: str, batch: dict) -> torch.Tensor:
+        """One optimizer step of `part` on batch (input_ids, labels, loss_mask, ref_logps); its loss."""
+        self.model.train()
+        with self.autocast:
+            logits = self.logits(self.forward, batch["input_ids"])
+            if part == "pretrain":
+                loss = lm_loss(logits, batch["labels"])
+            elif part == "sft":
+                loss = lm_loss(logits, batch["labels"], batch["loss_mask"])
+            else:
+                ref_logps = batch["ref_logps"] if part == "dpo_pre" else self.reference_logps(batch)
+                policy_logps = sequence_logps(logits, batch["labels"], batch["loss_mask"])
+                loss = dpo_loss(policy_logps, ref_logps)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    @torch.no_grad()
+    def reference_logps(self, batch):
+        if self.reference is None:
+            self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        return sequence_logps(self.logits(self.reference, batch["input_ids"]), batch["labels"], batch["loss_mask"])
+
+
+def compiled_or_eager(model, cfg: BenchConfig, device):
+    """torch.compile where asked (auto: CUDA on Linux); if the first call fails, say so and stay eager."""
+    if not (cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda"
+                                      and platform.system() == "Linux")):
+        return model
+    compiled = torch.compile(model)
+    state = {"fn": None}
+
+    def forward(ids):
+        if state["fn"] is None:
+            try:
+                out = compiled(ids)
+                state["fn"] = compiled
+                return out
+            except Exception as e:
+                print(f"torch.compile failed ({type(e).__name__}); ours runs eager")
+                state["fn"] = model
+        return state["fn"](ids)
+
+    return forward
+
+
+def sequence_logps(logits, labels, mask):
+    """Sum of the log-probabilities of the masked-in target tokens of each row."""
+    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    return (token_logps * mask).sum(-1)
+
+
+def dpo_loss(policy_logps, ref_logps, beta: float = 0.1):
+    """DPO (Rafailov et al. 2023): rows are [chosen..., rejected...]."""
+    pc, pr = policy_logps.chunk(2)
+    rc, rr = ref_logps.chunk(2)
+    return -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
+
+
+def make_batch(part: str, cfg: BenchConfig, device) -> dict:
+    rows = 2 * cfg.batch_size if part.startswith("dpo") else cfg.batch_size
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.vocab_size, (rows, cfg.seq_len + 1), generator=g)
+    mask = torch.zeros(rows, cfg.seq_len)
+    mask[:, cfg.seq_len // 2:] = 1  # the "reply" half
+    batch = {"input_ids": tokens[:, :-1], "labels": tokens[:, 1:], "loss_mask": mask,
+             "ref_logps": -torch.rand(rows, generator=g) * cfg.seq_len}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def build_runners(cfg: BenchConfig, device, dtype, names=("ours", "hf")) -> dict[str, Runner]:
+    torch.manual_seed(0)
+    ours = GPT(get_config(cfg.preset, vocab_size=cfg.vocab_size, max_seq_len=max(
+        cfg.seq_len, cfg.prompt_len + cfg.new_tokens, get_config(cfg.preset).max_seq_len)))
+    runners = {}
+    if "hf" in names:
+        runners["hf"] = Runner("hf", ours.to_hf_llama(), cfg, device, dtype)
+    if "ours" in names:
+        runners["ours"] = Runner("ours", ours, cfg, device, dtype)
+    return {n: runners[n] for n in names}
+
+
+def hf_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- memory (child processes)
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def memory_probe(cfg_dict: dict, name: str, part: str) -> float:
+    """Peak bytes of two training steps of one implementation and part, in this (fresh) process."""
+    cfg = BenchConfig(**cfg_dict)
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    hf_available()  # both implementations pay the same imports before the baseline
+    baseline = 0 if device.type == "cuda" else _rss_kb("VmRSS:") * 1024
+    runner = build_runners(cfg, device, dtype, (name,))[name]
+    batch = make_batch(part, cfg, device)
+    for _ in range(2):
+        runner.train_step(part, batch)
+    sync(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _rss_kb("VmHWM:") * 1024 - baseline
+
+
+def peak_memory(cfg: BenchConfig, name: str, part: str) -> float | None:
+    """Peak MiB of one implementation and part, measured in a fresh process (None where unmeasurable)."""
+    if pick_device(cfg.device).type not in ("cuda", "cpu") or not (torch.cuda.is_available()
+                                                                    or platform.system() == "Linux"):
+        return None  # CUDA has its allocator statistics; on CPU, RSS is read from Linux's /proc
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(memory_probe, (asdict(cfg), name, part)) / 2**20
+
+
+# ----------------------------------------------------------------------------- generation
+def weight_matrices(model: GPT, fused: bool) -> list[torch.Tensor]:
+    """The weight matrices one decoded token multiplies by, in order (optionally q/k/v and gate/up fused)."""
+    mats = []
+    for layer in model.layers:
+        a, m = layer.attn, layer.mlp
+        if fused:
+            mats += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
+                     torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight]
+        else:
+            mats += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
+                     m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
+    return mats + [model.lm_head.weight]
+
+
+@torch.no_grad()
+def matvec_floor(model: GPT, batch: int, device, reps: int) -> dict[str, float]:
+    """Tokens/s if decoding did nothing but the weight matmuls of one token (memory-bound at batch 1)."""
+    out = {}
+    for fused in (False, True):
+        mats = [w.detach().clone() for w in weight_matrices(model, fused)]
+        x = {w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=w.dtype) for w in mats}
+
+        def run(mats=mats, x=x):
+            for w in mats:
+                F.linear(x[w.shape[1]], w)
+
+        t = statistics.median([timed(run, device) for _ in range(reps + 2)][2:])
+        out["floor_fused_tok_s" if fused else "floor_tok_s"] = batch / t
+    return out
+
+
+@torch.no_grad()
+def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) -> dict:
+    """Prefill and decode tokens/s (greedy, KV cache) for each implementation, and the matvec floor."""
+    prompt = torch.randint(0, cfg.vocab_size, (cfg.gen_batch_size, cfg.prompt_len), device=device)
+    n = cfg.new_tokens
+    for r in runners.values():
+        r.model.eval().to(dtype)  # inference runs in the benchmark dtype itself
+        r.optimizer = r.reference = None
+    if "hf" in runners:
+        gc = runners["hf"].model.generation_config
+        gc.eos_token_id, gc.pad_token_id = None, 0
+
+    def prefill(r):
+        if r.name == "ours":
+            return lambda: r.model(prompt, cache=r.model.new_kv_cache(prompt.shape[0], cfg.prompt_len))
+        return lambda: r.model(input_ids=prompt, use_cache=True)
+
+    def generate(r):
+        if r.name == "ours":
+            return lambda: r.model.generate(prompt, n, temperature=0)
+        mask = torch.ones_like(prompt)
+        return lambda: r.model.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                                        do_sample=False)
+
+    t_prefill = interleaved({k: prefill(r) for k, r in runners.items()}, cfg.warmup, cfg.steps, device)
+    t_gen = interleaved({k: generate(r) for k, r in runners.items()}, 1, max(3, cfg.steps // 2), device)
+    results = {}
+    for k in runners:
+        # generate = one prefill (which yields the first token) + n - 1 single-token steps
+        results[k] = {"prefill_tok_s": prompt.numel() / t_prefill[k],
+                      "decode_tok_s": cfg.gen_batch_size * (n - 1) / max(t_gen[k] - t_prefill[k], 1e-9)}
+    results["floor"] = matvec_floor(runners["ours"].model, cfg.gen_batch_size, device, reps=max(10, cfg.steps))
+    return results
+
+
+# ----------------------------------------------------------------------------- main
+def main(cfg: BenchConfig) -> dict:
+    parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise SystemExit(f"error: --parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(cfg.dtype, device)
+    names = ("ours", "hf") if cfg.hf and hf_available() else ("ours",)
+    if cfg.hf and "hf" not in names:
+        print("transformers is not installed: measuring ours only")
+    config = get_config(cfg.preset, vocab_size=cfg.vocab_size)
+    peak, peak_source = device_peak(cfg, device, dtype)
+    runners = build_runners(cfg, device, dtype, names)
+    flops = train_flops_per_token(config, cfg.seq_len)
+    report = {"config": asdict(cfg), "device": device_description(device), "dtype": dtype_name(dtype),
+              "torch": torch.__version__, "params": runners["ours"].model.num_params(),
+              "train_flops_per_token": flops, "peak_tflops": peak, "peak_source": peak_source, "train": {}}
+    print(f"{cfg.preset}: {report['params'] / 1e6:.1f}M parameters, {report['device']}, {report['dtype']}, "
+          f"batch {cfg.batch_size} x {cfg.seq_len}; peak {peak:.2f} TFLOPS ({peak_source})")
+
+    for part in (p for p in parts if p != "generate"):
+        batch = make_batch(part, cfg, device)
+        tokens = batch["input_ids"].numel()
+        # FLOPs of the step per token: the reference model's forward adds a third of a training step.
+        step_flops = flops * (4 / 3 if part == "dpo" else 1)
+        steps = {k: (lambda r=r, part=part, batch=batch: r.train_step(part, batch)) for k, r in runners.items()}
+        t = interleaved(steps, cfg.warmup, cfg.steps, device)
+        report["train"][part] = {k: {"tok_s": tokens / t[k], "mfu": step_flops * tokens / t[k] / (peak * 1e12),
+                                     "peak_mem_mb": peak_memory(cfg, k, part) if cfg.memory else None}
+                                 for k in runners}
+        if part == "dpo":
+            for r in runners.values():  # free the reference copies before the next part
+                r.reference = None
+    if "generate" in parts:
+        report["generate"] = bench_generate(runners, cfg, device, dtype)
+    print_table(report)
+    with open(cfg.out, "w") as f:
+        json.dump(report, f, indent=2)
+    print(f"wrote {cfg.out}")
+    return report
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def print_table(report: dict):
+    rows = [("part", "ours tok/s", "HF tok/s", "ours/HF", "ours MFU", "HF MFU", "ours MB", "HF MB")]
+
+    def fmt(x, spec):
+        return "-" if x is None else format(x, spec)
+
+    for part, r in report["train"].items():
+        ours, hf = r["ours"], r.get("hf", {})
+        rows.append((part, fmt(ours["tok_s"], ".0f"), fmt(hf.get("tok_s"), ".0f"),
+                     fmt(ours["tok_s"] / hf["tok_s"] if hf else None, ".2f"), fmt(ours["mfu"], ".1%"),
+                     fmt(hf.get("mfu"), ".1%"), fmt(ours["peak_mem_mb"], ".0f"), fmt(hf.get("peak_mem_mb"), ".0f")))
+    gen = report.get("generate")
+    if gen:
+        for key in ("prefill_tok_s", "decode_tok_s"):
+            ours, hf = gen["ours"][key], gen.get("hf", {}).get(key)
+            rows.append((key.removesuffix("_tok_s"), fmt(ours, ".0f"), fmt(hf, ".0f"),
+                         fmt(ours / hf if hf else None, ".2f"), "", "", "", ""))
+        f = gen["floor"]
+        # ours' decode speed as a share of the bare matrix-vector floor
+        rows.append(("matvec floor", f"{f['floor_tok_s']:.0f}", f"fused {f['floor_fused_tok_s']:.0f}",
+                     f"ours {gen['ours']['decode_tok_s'] / f['floor_tok_s']:.0%}", "", "", "", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+if __name__ == "__main__":
+    main(parse_args(BenchConfig, description=__doc__))

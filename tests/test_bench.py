@@ -1,0 +1,72 @@
+"""bench.py's pieces on a tiny shape: FLOPs against a hand count, the step functions, the CLI end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench
+from configs import ModelConfig
+from model import GPT
+from tests.conftest import TINY_MODEL
+
+
+def test_flops_per_token_matches_a_hand_count():
+    c = ModelConfig(vocab_size=320, **TINY_MODEL)  # dim 32, 2 layers, 2 heads of 16, 1 kv head, hidden 128
+    per_layer = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 128  # q, k, v, o, gate/up/down
+    n = 2 * per_layer + 32 * 320  # + the output head (real vocabulary)
+    assert bench.matmul_params(c) == n == 40960
+    assert bench.train_flops_per_token(c, seq_len=32) == 6 * n + 12 * 2 * 32 * 32
+    # Independently: the model's own Linear weights, the head cut to the real vocabulary.
+    model = GPT(c)
+    linear = sum(m.weight.numel() for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    assert bench.matmul_params(c) == linear + c.dim * c.vocab_size
+
+
+def test_dpo_pieces_against_a_direct_computation():
+    logits = torch.randn(4, 5, 11)
+    labels = torch.randint(0, 11, (4, 5))
+    mask = torch.tensor([[0, 0, 1, 1, 1]] * 4, dtype=torch.float)
+    logps = bench.sequence_logps(logits, labels, mask)
+    direct = torch.log_softmax(logits, -1).gather(-1, labels[..., None])[..., 0]
+    assert torch.allclose(logps, (direct * mask).sum(-1), atol=1e-5)
+    ref = torch.randn(4)
+    margin = (logps[0] - ref[0]) - (logps[2] - ref[2]), (logps[1] - ref[1]) - (logps[3] - ref[3])
+    expected = -F.logsigmoid(0.1 * torch.stack(margin)).mean()
+    assert torch.allclose(bench.dpo_loss(logps, ref), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("part", ["pretrain", "sft", "dpo", "dpo_pre"])
+def test_train_steps_match_hf_llama(part):
+    cfg = bench.BenchConfig(preset="tiny", vocab_size=320, batch_size=2, seq_len=16, device="cpu", compile="false")
+    runners = bench.build_runners(cfg, torch.device("cpu"), torch.float32)
+    batch = bench.make_batch(part, cfg, torch.device("cpu"))
+    losses = [[r.train_step(part, batch).item() for r in runners.values()] for _ in range(2)]
+    for ours, hf in losses:  # the same loss before and after one optimizer step of each
+        assert ours == pytest.approx(hf, abs=1e-5)
+    assert losses[1][0] != pytest.approx(losses[0][0], abs=1e-6)  # the step changed the model
+
+
+def test_matvec_floor_and_fused_weights_cover_every_matmul():
+    model = GPT(ModelConfig(vocab_size=300, **TINY_MODEL))  # the head is padded to 320 rows
+    for fused in (False, True):
+        mats = bench.weight_matrices(model, fused)
+        assert sum(w.numel() for w in mats) == bench.matmul_params(model.config) + 32 * (320 - 300)
+    assert bench.matvec_floor(model, 1, torch.device("cpu"), reps=1)["floor_tok_s"] > 0
+
+
+def test_cli_writes_json(tmp_path):
+    out = tmp_path / "b.json"
+    subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--vocab_size", "320", "--batch_size", "1",
+                    "--seq_len", "16", "--parts", "pretrain,generate", "--memory", "false", "--warmup", "0",
+                    "--steps", "1", "--new_tokens", "4", "--prompt_len", "4", "--peak_tflops", "1",
+                    "--device", "cpu", "--out", str(out)], check=True, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    assert report["peak_source"] == "--peak_tflops"
+    assert set(report["train"]["pretrain"]) == {"ours", "hf"}
+    assert report["generate"]["ours"]["decode_tok_s"] > 0
+    assert report["generate"]["floor"]["floor_tok_s"] > 0
