@@ -11,6 +11,21 @@ from configs import ModelConfig
 from model import GPT
 from tokenizer import Tokenizer
 
+
+def crash_during_step(trainer, step: int, error: BaseException) -> None:
+    """Make trainer raise `error` while drawing the first micro-batch of optimizer step `step` (0-based),
+    as a crash or a Ctrl-C in the middle of training would (grad_accum 1)."""
+    original, calls = trainer.next_batch, {"n": 0}
+
+    def next_batch():
+        calls["n"] += 1
+        if calls["n"] == step + 1:
+            raise error
+        return original()
+
+    trainer.next_batch = next_batch
+
+
 # A small model so a training test runs in about a second on 2 CPU cores.
 TINY_MODEL = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32)
 

@@ -11,7 +11,7 @@ import checkpoint
 import lora
 from configs import LoRAConfig, ModelConfig
 from model import GPT
-from tests.conftest import SFT_MODEL
+from tests.conftest import SFT_MODEL, crash_during_step
 from trainers import LoRATrainer
 
 GQA_MODEL = {**SFT_MODEL, "dim": 32, "n_heads": 4, "n_kv_heads": 2}  # k/v projections are 32 -> 16: not square
@@ -128,15 +128,7 @@ def test_lora_trainer_saves_adapters_that_reload_resume_and_export(sft_dirs):
     # An interrupted run resumes from its adapters to the same result as an uninterrupted one.
     whole = LoRATrainer(lora_config(sft_dirs, out_dir=str(sft_dirs / "whole")), {}).train()["val_loss"]
     crashing = LoRATrainer(lora_config(sft_dirs, out_dir=str(sft_dirs / "resumed")), {})
-    original, calls = crashing.next_batch, {"n": 0}
-
-    def crash_in_step_6():
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise RuntimeError("simulated crash")
-        return original()
-
-    crashing.next_batch = crash_in_step_6
+    crash_during_step(crashing, 6, RuntimeError("simulated crash"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.train()
     resumed = LoRATrainer(lora_config(sft_dirs, out_dir=str(sft_dirs / "resumed"), resume=True, lora_r=16), {})

@@ -10,7 +10,7 @@ import checkpoint
 from configs import ModelConfig, TrainConfig, get_config
 from model import GPT
 from moe import MoE, collect_moe_stats, load_balancing_loss
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, crash_during_step
 from trainers import PretrainTrainer
 
 MOE = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, hidden_dim=48)
@@ -200,15 +200,7 @@ def test_moe_checkpoint_saves_resumes_and_loads(data_dir, tmp_path):
     expected = make_trainer(data_dir, tmp_path / "whole").train()["val_loss"]
 
     crashing = make_trainer(data_dir, tmp_path / "resumed")
-    original, calls = crashing.next_batch, {"n": 0}
-
-    def crash_in_step_6():
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise RuntimeError("simulated crash")
-        return original()
-
-    crashing.next_batch = crash_in_step_6
+    crash_during_step(crashing, 6, RuntimeError("simulated crash"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.train()
     assert checkpoint.load_train_state(tmp_path / "resumed")["step"] == 4

@@ -16,7 +16,7 @@ from dataset import DataError, RowSampler, SFTDataset, format_mask, load_chats, 
 from evals import answer_accuracy, greedy_replies
 from loss import lm_loss
 from model import GPT
-from tests.conftest import SFT_MODEL, make_chats, write_jsonl
+from tests.conftest import SFT_MODEL, crash_during_step, make_chats, write_jsonl
 from tokenizer import IM_END
 from trainers import SFTTrainer
 
@@ -211,15 +211,7 @@ def test_sft_learns_the_replies_and_resumes_exactly(sft_dirs):
 
     whole = packed_run("whole").train()
     crashing = packed_run("resumed")
-    original, calls = crashing.next_batch, {"n": 0}
-
-    def crash_in_step_9():
-        calls["n"] += 1
-        if calls["n"] == 10:
-            raise RuntimeError("simulated crash")
-        return original()
-
-    crashing.next_batch = crash_in_step_9
+    crash_during_step(crashing, 9, RuntimeError("simulated crash"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.train()
     resumed = packed_run("resumed", resume=True)

@@ -10,7 +10,7 @@ import torch
 import checkpoint
 from configs import ModelConfig, TrainConfig, parse_train_args
 from model import GPT
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, crash_during_step
 from trainers import PretrainTrainer
 
 
@@ -36,16 +36,7 @@ def test_interrupted_run_resumes_to_the_same_loss(data_dir, tmp_path):
     expected = whole.train()["val_loss"]
 
     crashing = make_trainer(data_dir, tmp_path / "resumed")
-    original = crashing.next_batch
-    calls = {"n": 0}
-
-    def crash_in_step_11():
-        calls["n"] += 1
-        if calls["n"] == 12:  # step 11 (0-based), after the checkpoint at step 8
-            raise RuntimeError("simulated crash")
-        return original()
-
-    crashing.next_batch = crash_in_step_11
+    crash_during_step(crashing, 11, RuntimeError("simulated crash"))  # after the checkpoint at step 8
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.train()
     assert checkpoint.load_train_state(tmp_path / "resumed")["step"] == 8
@@ -61,16 +52,7 @@ def test_interrupted_run_resumes_to_the_same_loss(data_dir, tmp_path):
 
 def test_keyboard_interrupt_saves_a_resumable_checkpoint(data_dir, tmp_path):
     trainer = make_trainer(data_dir, tmp_path / "ckpt")
-    original = trainer.next_batch
-    calls = {"n": 0}
-
-    def interrupt():
-        calls["n"] += 1
-        if calls["n"] == 6:  # Ctrl-C during step 5
-            raise KeyboardInterrupt
-        return original()
-
-    trainer.next_batch = interrupt
+    crash_during_step(trainer, 5, KeyboardInterrupt())  # Ctrl-C during step 5
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 5
