@@ -25,7 +25,8 @@ def greedy_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
     since RoPE is relative the padding does not shift the real tokens either. Stops at <|im_end|>.
     """
     device = next(model.parameters()).device
-    stops = torch.tensor([tokenizer.im_end_id, tokenizer.eot_id], device=device)
+    stop_ids = [tokenizer.im_end_id, tokenizer.eot_id]
+    stops = torch.tensor(stop_ids, device=device)
     replies = []
     for start in range(0, len(prompts), batch_size):
         ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts[start:start + batch_size]]
@@ -47,7 +48,7 @@ def greedy_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
             step_input = token[:, None]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         for row in out.tolist():
-            cut = next((i for i, t in enumerate(row) if t in stops.tolist()), len(row))
+            cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
             replies.append(tokenizer.decode(row[:cut]))
     return replies
 

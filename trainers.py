@@ -412,14 +412,16 @@ def run_stage(trainer_cls, config_cls=TrainConfig, argv=None, description: str =
 
 
 def find_init_dir(init_from: str, stages: tuple[str, ...]) -> Path:
-    """The checkpoint to fine-tune: init_from if given, else the latest of `stages` under checkpoint/."""
+    """The checkpoint to fine-tune: init_from if given, else checkpoint/<stage> for the first of `stages`
+    that has one (e.g. the SFT model if there is one, else the pretrained one)."""
     if init_from:
         return Path(init_from)
-    found = latest_checkpoint("checkpoint", stages)
-    if found is None:
-        raise FileNotFoundError(f"no {' or '.join(stages)} checkpoint under checkpoint/: run "
-                                f"`python train_{stages[-1]}.py` first, or pass --init_from DIR")
-    return found
+    for stage in stages:
+        found = latest_checkpoint("checkpoint", (stage,))
+        if found is not None:
+            return found
+    raise FileNotFoundError(f"no {' or '.join(stages)} checkpoint under checkpoint/: run "
+                            f"`python train_{stages[-1]}.py` first, or pass --init_from DIR")
 
 
 def chat_source(cfg, name: str, given: str) -> str | None:
@@ -443,7 +445,7 @@ class SFTTrainer(Trainer):
     """
 
     stage = "sft"
-    init_stages = ("pretrain",)  # where `init_from` defaults to: the latest of these under checkpoint/
+    init_stages = ("pretrain",)  # `init_from` defaults to checkpoint/<the first of these that exists>
 
     def build_model(self) -> tuple[GPT, Tokenizer]:
         if self.cfg.resume:
