@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from configs import ModelConfig, _help, get_config, parse_args
+from configs import ModelConfig, get_config, option, parse_args
 from loss import lm_loss
 from model import GPT
 from trainers import pick_device, pick_dtype
@@ -51,26 +51,26 @@ GPU_PEAK_TFLOPS = [
 
 @dataclass
 class BenchConfig:
-    preset: str = _help("model preset (tiny, minimind2-small, minimind2, gpt2-124m)", default="minimind2-small")
-    vocab_size: int = _help("vocabulary size (minimind's tokenizer has 6400)", default=6400)
-    batch_size: int = _help("training rows per step (DPO: pairs, so twice the rows)", default=8)
-    seq_len: int = _help("tokens per row", default=256)
-    device: str = _help("'auto' (cuda, then mps, then cpu), or cpu, cuda, mps", default="auto")
-    dtype: str = _help("'auto' (bf16 autocast on GPUs, float32 on CPU), float32, bfloat16, float16", default="auto")
-    compile: str = _help("torch.compile our model for training: auto (CUDA on Linux), true or false",
+    preset: str = option("model preset (tiny, minimind2-small, minimind2, gpt2-124m)", default="minimind2-small")
+    vocab_size: int = option("vocabulary size (minimind's tokenizer has 6400)", default=6400)
+    batch_size: int = option("training rows per step (DPO: pairs, so twice the rows)", default=8)
+    seq_len: int = option("tokens per row", default=256)
+    device: str = option("'auto' (cuda, then mps, then cpu), or cpu, cuda, mps", default="auto")
+    dtype: str = option("'auto' (bf16 autocast on GPUs, float32 on CPU), float32, bfloat16, float16", default="auto")
+    compile: str = option("torch.compile our model for training: auto (CUDA on Linux), true or false",
                          default="auto")
-    grad_checkpoint: bool = _help("activation checkpointing in both models (ours and HF's)", default=False)
-    parts: str = _help(f"comma-separated, of: {', '.join(PARTS)}", default=",".join(PARTS))
-    hf: bool = _help("also measure HF transformers' LlamaForCausalLM (if installed)", default=True)
-    warmup: int = _help("untimed warm-up steps per part", default=2)
-    steps: int = _help("timed steps per part (the median is reported)", default=5)
-    memory: bool = _help("measure peak memory (one child process per implementation and part)", default=True)
-    gen_batch_size: int = _help("rows generated at once", default=1)
-    prompt_len: int = _help("prompt tokens for generation", default=64)
-    new_tokens: int = _help("tokens generated after the prompt", default=64)
-    peak_tflops: float = _help("the device's peak TFLOPS for MFU; 0 = GPU table, else a measured matmul",
+    grad_checkpoint: bool = option("activation checkpointing in both models (ours and HF's)", default=False)
+    parts: str = option(f"comma-separated, of: {', '.join(PARTS)}", default=",".join(PARTS))
+    hf: bool = option("also measure HF transformers' LlamaForCausalLM (if installed)", default=True)
+    warmup: int = option("untimed warm-up steps per part", default=2)
+    steps: int = option("timed steps per part (the median is reported)", default=5)
+    memory: bool = option("measure peak memory (one child process per implementation and part)", default=True)
+    gen_batch_size: int = option("rows generated at once", default=1)
+    prompt_len: int = option("prompt tokens for generation", default=64)
+    new_tokens: int = option("tokens generated after the prompt", default=64)
+    peak_tflops: float = option("the device's peak TFLOPS for MFU; 0 = GPU table, else a measured matmul",
                                default=0.0)
-    out: str = _help("where the JSON results go", default="bench.json")
+    out: str = option("where the JSON results go", default="bench.json")
 
 
 # ----------------------------------------------------------------------------- FLOPs and peak

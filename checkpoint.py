@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from configs import ModelConfig
+from fileio import write_json
 
 WEIGHTS = "model.safetensors"
 
@@ -32,14 +33,6 @@ def _recover(directory: Path) -> None:
     old = directory.with_name(directory.name + ".old")
     if not directory.exists() and old.exists():
         os.replace(old, directory)
-
-
-def write_json(path, obj) -> None:
-    """Write JSON atomically (temp file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

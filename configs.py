@@ -6,13 +6,12 @@ Its help text is the field's `metadata["help"]`, so `--help` lists every option 
 
 import argparse
 import dataclasses
-import json
 import sys
 import typing
 from dataclasses import dataclass, field
 
 
-def _help(text: str, **kwargs):
+def option(text: str, **kwargs):
     """A dataclass field with a help text for `--help`."""
     return field(metadata={"help": text}, **kwargs)
 
@@ -21,31 +20,31 @@ def _help(text: str, **kwargs):
 class ModelConfig:
     """Shape of the GPT (Llama-style: RMSNorm, RoPE, GQA, SwiGLU)."""
 
-    vocab_size: int = _help("vocabulary size (taken from the tokenizer when training)", default=6400)
-    dim: int = _help("model width (embedding size)", default=512)
-    n_layers: int = _help("number of transformer blocks", default=8)
-    n_heads: int = _help("number of query heads", default=8)
-    n_kv_heads: int = _help("number of key/value heads (grouped-query attention; = n_heads for MHA)", default=2)
-    hidden_dim: int | None = _help("SwiGLU hidden size; None = 8/3 * dim rounded up to multiple_of", default=None)
-    multiple_of: int = _help("round the SwiGLU hidden size up to a multiple of this", default=64)
-    max_seq_len: int = _help("longest sequence the RoPE tables cover", default=1024)
-    rope_theta: float = _help("RoPE base frequency", default=1e6)
-    norm_eps: float = _help("RMSNorm epsilon", default=1e-5)
-    dropout: float = _help("dropout on attention weights and residual branches", default=0.0)
-    tie_embeddings: bool = _help("share the token embedding with the output head", default=True)
-    bias: bool = _help("use biases in the linear layers", default=False)
-    attn_impl: str = _help("attention: 'sdpa' (fast, torch's fused kernel) or 'manual' (readable)", default="sdpa")
+    vocab_size: int = option("vocabulary size (taken from the tokenizer when training)", default=6400)
+    dim: int = option("model width (embedding size)", default=512)
+    n_layers: int = option("number of transformer blocks", default=8)
+    n_heads: int = option("number of query heads", default=8)
+    n_kv_heads: int = option("number of key/value heads (grouped-query attention; = n_heads for MHA)", default=2)
+    hidden_dim: int | None = option("SwiGLU hidden size; None = 8/3 * dim rounded up to multiple_of", default=None)
+    multiple_of: int = option("round the SwiGLU hidden size up to a multiple of this", default=64)
+    max_seq_len: int = option("longest sequence the RoPE tables cover", default=1024)
+    rope_theta: float = option("RoPE base frequency", default=1e6)
+    norm_eps: float = option("RMSNorm epsilon", default=1e-5)
+    dropout: float = option("dropout on attention weights and residual branches", default=0.0)
+    tie_embeddings: bool = option("share the token embedding with the output head", default=True)
+    bias: bool = option("use biases in the linear layers", default=False)
+    attn_impl: str = option("attention: 'sdpa' (fast, torch's fused kernel) or 'manual' (readable)", default="sdpa")
     # Mixture-of-Experts (moe.py): each routed or shared expert is a SwiGLU of hidden_dim.
-    use_moe: bool = _help("replace every block's SwiGLU MLP with a Mixture-of-Experts layer", default=False)
-    n_routed_experts: int = _help("MoE: routed experts per layer", default=4)
-    num_experts_per_tok: int = _help("MoE: routed experts each token goes to (top-k)", default=2)
-    n_shared_experts: int = _help("MoE: always-on shared experts per layer", default=1)
-    norm_topk_prob: bool = _help("MoE: renormalise the top-k router weights to sum to 1", default=True)
-    aux_loss_alpha: float = _help("MoE: weight of the load-balancing loss added to the training loss",
+    use_moe: bool = option("replace every block's SwiGLU MLP with a Mixture-of-Experts layer", default=False)
+    n_routed_experts: int = option("MoE: routed experts per layer", default=4)
+    num_experts_per_tok: int = option("MoE: routed experts each token goes to (top-k)", default=2)
+    n_shared_experts: int = option("MoE: always-on shared experts per layer", default=1)
+    norm_topk_prob: bool = option("MoE: renormalise the top-k router weights to sum to 1", default=True)
+    aux_loss_alpha: float = option("MoE: weight of the load-balancing loss added to the training loss",
                                   default=0.01)
-    seq_aux: bool = _help("MoE: balance the experts within each sequence (else over the whole batch)",
+    seq_aux: bool = option("MoE: balance the experts within each sequence (else over the whole batch)",
                           default=True)
-    capacity_factor: float = _help("MoE: an expert takes at most capacity_factor * its fair share of the "
+    capacity_factor: float = option("MoE: an expert takes at most capacity_factor * its fair share of the "
                                    "tokens, the rest are dropped; 0 = never drop", default=0.0)
 
     def __post_init__(self):
@@ -106,37 +105,37 @@ def get_config(name: str, **overrides) -> ModelConfig:
 class TrainConfig:
     """Options shared by every training stage (the Trainer base reads these)."""
 
-    preset: str = _help(f"model preset: {', '.join(PRESETS)} (model fields below override it); "
+    preset: str = option(f"model preset: {', '.join(PRESETS)} (model fields below override it); "
                         "'auto' = tiny on CPU, minimind2-small on a GPU", default="auto")
-    data_dir: str = _help("prepared data directory (from prepare.py)", default="data/storyworld")
-    out_dir: str = _help("where checkpoints and metrics go; '' = checkpoint/<stage>", default="")
-    init_from: str = _help("checkpoint directory to start from; '' = the stage's default", default="")
-    resume: bool = _help("continue the run saved in out_dir (model, optimizer, RNG, data position)", default=False)
-    device: str = _help("'auto' (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps", default="auto")
-    dtype: str = _help("'auto' (bf16 on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU/MPS), "
+    data_dir: str = option("prepared data directory (from prepare.py)", default="data/storyworld")
+    out_dir: str = option("where checkpoints and metrics go; '' = checkpoint/<stage>", default="")
+    init_from: str = option("checkpoint directory to start from; '' = the stage's default", default="")
+    resume: bool = option("continue the run saved in out_dir (model, optimizer, RNG, data position)", default=False)
+    device: str = option("'auto' (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps", default="auto")
+    dtype: str = option("'auto' (bf16 on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU/MPS), "
                        "or float32, bfloat16, float16", default="auto")
-    compile: str = _help("torch.compile the model: auto (CUDA on Linux), true or false", default="auto")
-    seed: int = _help("random seed (model init and data order)", default=1337)
-    batch_size: int = _help("sequences per micro-batch (per process)", default=16)
-    seq_len: int = _help("tokens per sequence; 0 = the model's max_seq_len", default=256)
-    grad_accum: int = _help("micro-batches per optimizer step (global batch = batch_size * grad_accum * world)",
+    compile: str = option("torch.compile the model: auto (CUDA on Linux), true or false", default="auto")
+    seed: int = option("random seed (model init and data order)", default=1337)
+    batch_size: int = option("sequences per micro-batch (per process)", default=16)
+    seq_len: int = option("tokens per sequence; 0 = the model's max_seq_len", default=256)
+    grad_accum: int = option("micro-batches per optimizer step (global batch = batch_size * grad_accum * world)",
                             default=1)
-    max_steps: int = _help("optimizer steps to train (the default suits the tiny preset on a CPU; "
+    max_steps: int = option("optimizer steps to train (the default suits the tiny preset on a CPU; "
                            "use thousands on a GPU)", default=200)
-    lr: float = _help("peak learning rate", default=2e-3)
-    min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-4)
-    warmup_steps: int = _help("linear warmup steps", default=20)
-    weight_decay: float = _help("AdamW weight decay (matrices only)", default=0.1)
-    beta1: float = _help("AdamW beta1", default=0.9)
-    beta2: float = _help("AdamW beta2", default=0.95)
-    grad_clip: float = _help("clip the global gradient norm to this; 0 = off", default=1.0)
-    grad_checkpoint: bool = _help("recompute activations in the backward pass to save memory", default=False)
-    eval_interval: int = _help("evaluate on the validation split every N steps", default=50)
-    eval_iters: int = _help("validation batches per evaluation", default=10)
-    log_interval: int = _help("print/log training metrics every N steps", default=10)
-    save_interval: int = _help("save a checkpoint every N steps (and at the end)", default=100)
-    wandb: bool = _help("log to Weights & Biases (set WANDB_MODE=offline without a network)", default=False)
-    wandb_project: str = _help("wandb project name", default="nanollm")
+    lr: float = option("peak learning rate", default=2e-3)
+    min_lr: float = option("learning rate at the end of the cosine decay", default=1e-4)
+    warmup_steps: int = option("linear warmup steps", default=20)
+    weight_decay: float = option("AdamW weight decay (matrices only)", default=0.1)
+    beta1: float = option("AdamW beta1", default=0.9)
+    beta2: float = option("AdamW beta2", default=0.95)
+    grad_clip: float = option("clip the global gradient norm to this; 0 = off", default=1.0)
+    grad_checkpoint: bool = option("recompute activations in the backward pass to save memory", default=False)
+    eval_interval: int = option("evaluate on the validation split every N steps", default=50)
+    eval_iters: int = option("validation batches per evaluation", default=10)
+    log_interval: int = option("print/log training metrics every N steps", default=10)
+    save_interval: int = option("save a checkpoint every N steps (and at the end)", default=100)
+    wandb: bool = option("log to Weights & Biases (set WANDB_MODE=offline without a network)", default=False)
+    wandb_project: str = option("wandb project name", default="nanollm")
 
 
 def _flag_type(tp):
@@ -171,7 +170,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str | None =
 
 def parse_args(cls, argv: list[str] | None = None, description: str = ""):
     """Parse the command line into an instance of dataclass `cls`."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, cls)
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
     return cls(**{k: v for k, v in vars(ns).items() if v is not None})
@@ -183,7 +182,7 @@ def parse_train_args(train_cls, argv: list[str] | None = None, description: str 
     Returns (train_config, model_overrides), where model_overrides holds only the model fields given,
     so that they can be applied on top of a preset or of the checkpoint being fine-tuned.
     """
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, train_cls, "training")
     add_dataclass_args(parser, ModelConfig, "model (override the preset's fields)")
     ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
@@ -193,59 +192,55 @@ def parse_train_args(train_cls, argv: list[str] | None = None, description: str 
     return train_cls(**train_kwargs), model_overrides
 
 
-def config_to_json(cfg) -> str:
-    return json.dumps(dataclasses.asdict(cfg), indent=2)
-
-
 @dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on chats (train_sft.py). Defaults: about 4-5 minutes of training on a 2-core CPU."""
 
     # New defaults for inherited fields: chats are short, fine-tuning needs fewer steps and a lower rate.
-    batch_size: int = _help("chats per micro-batch (per process)", default=16)
-    seq_len: int = _help("longest chat in tokens (longer ones are truncated); 0 = the model's max_seq_len",
+    batch_size: int = option("chats per micro-batch (per process)", default=16)
+    seq_len: int = option("longest chat in tokens (longer ones are truncated); 0 = the model's max_seq_len",
                          default=0)
-    max_steps: int = _help("optimizer steps to train", default=150)
-    lr: float = _help("peak learning rate", default=5e-4)
-    min_lr: float = _help("learning rate at the end of the cosine decay", default=5e-5)
-    warmup_steps: int = _help("linear warmup steps", default=15)
-    eval_interval: int = _help("evaluate every N steps (and always before the first and after the last step)",
+    max_steps: int = option("optimizer steps to train", default=150)
+    lr: float = option("peak learning rate", default=5e-4)
+    min_lr: float = option("learning rate at the end of the cosine decay", default=5e-5)
+    warmup_steps: int = option("linear warmup steps", default=15)
+    eval_interval: int = option("evaluate every N steps (and always before the first and after the last step)",
                                default=1000)
-    eval_iters: int = _help("validation batches per evaluation (masked val loss)", default=4)
-    save_interval: int = _help("save a checkpoint every N steps (and at the end)", default=100)
+    eval_iters: int = option("validation batches per evaluation (masked val loss)", default=4)
+    save_interval: int = option("save a checkpoint every N steps (and at the end)", default=100)
     # Stage options.
-    sft_data: str = _help("training chats: a .jsonl file (any chat format of dataset.to_messages) or "
+    sft_data: str = option("training chats: a .jsonl file (any chat format of dataset.to_messages) or "
                           "hf:<dataset> (e.g. hf:jingyaogong/minimind_dataset with --hf_data_files "
                           "sft_mini_512.jsonl); '' = <data_dir>/sft_train.jsonl", default="")
-    sft_val_data: str = _help("validation chats, same forms; '' = <data_dir>/sft_val.jsonl; 'none' = no "
+    sft_val_data: str = option("validation chats, same forms; '' = <data_dir>/sft_val.jsonl; 'none' = no "
                               "validation", default="")
-    hf_data_files: str = _help("hf: only, the file(s) of the dataset repository to read", default="")
-    hf_split: str = _help("hf: only, the split to read", default="train")
-    pack: bool = _help("pack several chats into each row (attention stays inside each chat) instead of padding",
+    hf_data_files: str = option("hf: only, the file(s) of the dataset repository to read", default="")
+    hf_split: str = option("hf: only, the split to read", default="train")
+    pack: bool = option("pack several chats into each row (attention stays inside each chat) instead of padding",
                        default=False)
-    drop_long: bool = _help("drop chats longer than seq_len instead of truncating them", default=False)
-    skip_bad_rows: bool = _help("skip and count malformed rows instead of stopping at the first", default=False)
-    show_mask: bool = _help("print one tokenised training chat with the trained tokens marked, and exit",
+    drop_long: bool = option("drop chats longer than seq_len instead of truncating them", default=False)
+    skip_bad_rows: bool = option("skip and count malformed rows instead of stopping at the first", default=False)
+    show_mask: bool = option("print one tokenised training chat with the trained tokens marked, and exit",
                             default=False)
-    eval_samples: int = _help("held-out chats for answer accuracy (greedy generation); 0 = off", default=100)
-    max_new_tokens: int = _help("longest generated answer in the accuracy evaluation", default=64)
+    eval_samples: int = option("held-out chats for answer accuracy (greedy generation); 0 = off", default=100)
+    max_new_tokens: int = option("longest generated answer in the accuracy evaluation", default=64)
 
 
 @dataclass
 class LoRAConfig(SFTConfig):
     """LoRA fine-tuning (train_lora.py): SFT that trains only low-rank adapters on frozen weights."""
 
-    lr: float = _help("peak learning rate (adapters take a higher rate than full fine-tuning)", default=2e-3)
-    min_lr: float = _help("learning rate at the end of the cosine decay", default=2e-4)
-    weight_decay: float = _help("AdamW weight decay on the adapter matrices", default=0.0)
-    lora_r: int = _help("adapter rank r", default=8)
-    lora_alpha: float = _help("adapter scale alpha: the update is (alpha / r) * B A", default=16.0)
-    lora_dropout: float = _help("dropout on the adapters' input", default=0.05)
-    use_rslora: bool = _help("rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r", default=False)
-    lora_targets: str = _help("comma-separated names of the linear layers to adapt (a name matches a module "
+    lr: float = option("peak learning rate (adapters take a higher rate than full fine-tuning)", default=2e-3)
+    min_lr: float = option("learning rate at the end of the cosine decay", default=2e-4)
+    weight_decay: float = option("AdamW weight decay on the adapter matrices", default=0.0)
+    lora_r: int = option("adapter rank r", default=8)
+    lora_alpha: float = option("adapter scale alpha: the update is (alpha / r) * B A", default=16.0)
+    lora_dropout: float = option("dropout on the adapters' input", default=0.05)
+    use_rslora: bool = option("rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r", default=False)
+    lora_targets: str = option("comma-separated names of the linear layers to adapt (a name matches a module "
                               "whose name is it or ends in .<name>)",
                               default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    export_merged: str = _help("instead of training, fold the adapters saved in out_dir into their base "
+    export_merged: str = option("instead of training, fold the adapters saved in out_dir into their base "
                                "weights and save a full checkpoint to this directory", default="")
 
 
@@ -253,23 +248,23 @@ class LoRAConfig(SFTConfig):
 class DPOConfig(TrainConfig):
     """Direct preference optimisation (train_dpo.py): TrainConfig's options with DPO's defaults, plus its own."""
 
-    init_from: str = _help("checkpoint to align; '' = the latest checkpoint/sft", default="")
-    batch_size: int = _help("preference pairs per micro-batch (each is a chosen and a rejected sequence)", default=8)
-    max_steps: int = _help("optimizer steps to train", default=60)
-    lr: float = _help("peak learning rate", default=1e-4)
-    min_lr: float = _help("learning rate at the end of the cosine decay", default=1e-5)
-    warmup_steps: int = _help("linear warmup steps", default=10)
-    weight_decay: float = _help("AdamW weight decay (matrices only)", default=0.0)
-    eval_interval: int = _help("evaluate on the validation pairs every N steps", default=30)
-    eval_iters: int = _help("validation batches per evaluation (always the same pairs)", default=10)
-    log_interval: int = _help("log training metrics every N steps", default=1)
-    save_interval: int = _help("save a checkpoint every N steps (and at the end)", default=30)
-    train_file: str = _help("preference pairs (JSONL); '' = <data_dir>/dpo_train.jsonl", default="")
-    val_file: str = _help("validation pairs (JSONL); '' = <data_dir>/dpo_val.jsonl", default="")
-    skip_bad_rows: bool = _help("skip and count malformed rows instead of stopping at the first", default=False)
-    beta: float = _help("DPO beta: strength of the pull towards the reference model", default=0.1)
-    loss_type: str = _help("sigmoid (DPO), ipo or hinge", default="sigmoid")
-    label_smoothing: float = _help("conservative DPO: assumed probability that a preference is flipped (sigmoid)",
+    init_from: str = option("checkpoint to align; '' = the latest checkpoint/sft", default="")
+    batch_size: int = option("preference pairs per micro-batch (each is a chosen and a rejected sequence)", default=8)
+    max_steps: int = option("optimizer steps to train", default=60)
+    lr: float = option("peak learning rate", default=1e-4)
+    min_lr: float = option("learning rate at the end of the cosine decay", default=1e-5)
+    warmup_steps: int = option("linear warmup steps", default=10)
+    weight_decay: float = option("AdamW weight decay (matrices only)", default=0.0)
+    eval_interval: int = option("evaluate on the validation pairs every N steps", default=30)
+    eval_iters: int = option("validation batches per evaluation (always the same pairs)", default=10)
+    log_interval: int = option("log training metrics every N steps", default=1)
+    save_interval: int = option("save a checkpoint every N steps (and at the end)", default=30)
+    train_file: str = option("preference pairs (JSONL); '' = <data_dir>/dpo_train.jsonl", default="")
+    val_file: str = option("validation pairs (JSONL); '' = <data_dir>/dpo_val.jsonl", default="")
+    skip_bad_rows: bool = option("skip and count malformed rows instead of stopping at the first", default=False)
+    beta: float = option("DPO beta: strength of the pull towards the reference model", default=0.1)
+    loss_type: str = option("sigmoid (DPO), ipo or hinge", default="sigmoid")
+    label_smoothing: float = option("conservative DPO: assumed probability that a preference is flipped (sigmoid)",
                                    default=0.0)
-    precompute_ref: bool = _help("compute the reference log-probabilities once, then free the reference model",
+    precompute_ref: bool = option("compute the reference log-probabilities once, then free the reference model",
                                  default=False)

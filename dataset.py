@@ -81,13 +81,15 @@ def read_jsonl(path, on_error=None) -> Iterator[tuple[str, dict]]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing")
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    with open(path, "rb") as f:  # bytes, decoded line by line, so a bad encoding gets a line number too
+        for line_no, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{line_no}"
             try:
-                record = json.loads(line)
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                error = DataError(f"{where}: not UTF-8 text")
             except json.JSONDecodeError as e:
                 error = DataError(f"{where}: not valid JSON ({e.msg})")
             else:
@@ -100,10 +102,13 @@ def read_jsonl(path, on_error=None) -> Iterator[tuple[str, dict]]:
             on_error(error)
 
 
-def _text_field(record: dict, name: str, where: str) -> str:
-    value = record.get(name)
+def text_field(record: dict, name: str, where: str) -> str:
+    """record[name], which must be a string; errors name the file, line and field."""
+    if name not in record:
+        raise DataError(f"{where}: no field '{name}'")
+    value = record[name]
     if not isinstance(value, str):
-        raise DataError(f"{where}: field '{name}' is {'missing' if value is None else 'not a string'}")
+        raise DataError(f"{where}: field '{name}' is not a string")
     return value
 
 
@@ -148,16 +153,16 @@ def to_messages(record: dict, where: str) -> list[dict]:
         if key in record:
             return check_messages(record[key], where, key)
     if "instruction" in record:
-        prompt = _text_field(record, "instruction", where)
+        prompt = text_field(record, "instruction", where)
         extra = record.get("input") or ""
         if extra:
             prompt = f"{prompt}\n\n{extra}"
-        reply = _text_field(record, "output", where)
+        reply = text_field(record, "output", where)
     elif "prompt" in record:
-        prompt = _text_field(record, "prompt", where)
-        reply = _text_field(record, "response" if "response" in record else "output", where)
+        prompt = text_field(record, "prompt", where)
+        reply = text_field(record, "response" if "response" in record else "output", where)
     elif "text" in record:
-        return check_messages(_qa_text_to_messages(_text_field(record, "text", where), where), where, "text")
+        return check_messages(_qa_text_to_messages(text_field(record, "text", where), where), where, "text")
     else:
         raise DataError(f"{where}: unknown chat format: expected one of the fields conversations, messages, "
                         f"prompt, instruction, text; got {', '.join(record) or 'none'}")
@@ -378,19 +383,19 @@ def to_preference(record: dict, where: str) -> tuple[list[dict], list[dict], lis
         raise DataError(f"{where}: unknown preference format: expected the fields chosen and rejected (and "
                         f"optionally prompt); got {', '.join(record) or 'none'}")
     if "prompt" in record:
-        prompt_text = _text_field(record, "prompt", where)
+        prompt_text = text_field(record, "prompt", where)
         if _is_hh(prompt_text):
             prompt = _hh_to_messages(prompt_text, where, "prompt")
         else:
             prompt = [{"role": "user", "content": prompt_text}]
-        replies = [[{"role": "assistant", "content": _text_field(record, name, where).strip()}]
+        replies = [[{"role": "assistant", "content": text_field(record, name, where).strip()}]
                    for name in ("chosen", "rejected")]
         full = [check_messages(prompt + reply, where, name) for reply, name in zip(replies, ("chosen", "rejected"))]
         return prompt, full[0][len(prompt):], full[1][len(prompt):]
     if isinstance(record["chosen"], list):
         chosen, rejected = (check_messages(record[name], where, name) for name in ("chosen", "rejected"))
     else:
-        chosen, rejected = (check_messages(_hh_to_messages(_text_field(record, name, where), where, name), where, name)
+        chosen, rejected = (check_messages(_hh_to_messages(text_field(record, name, where), where, name), where, name)
                             for name in ("chosen", "rejected"))
     return _split_shared_prefix(chosen, rejected, where)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import WEIGHTS, latest_checkpoint
-from configs import _help, parse_args
+from configs import option, parse_args
 from model import GPT
 from tokenizer import Tokenizer
 from trainers import pick_device, pick_dtype
@@ -35,23 +35,23 @@ HELP = "commands: /reset forgets the conversation, /help shows this, exit or qui
 
 @dataclass
 class DemoConfig:
-    checkpoint: str | None = _help("checkpoint directory; None = the newest under checkpoint/", default=None)
-    mode: str = _help("'chat' (ChatML, multi-turn), 'text' (continuation) or 'auto' (from the checkpoint's stage)",
+    checkpoint: str | None = option("checkpoint directory; None = the newest under checkpoint/", default=None)
+    mode: str = option("'chat' (ChatML, multi-turn), 'text' (continuation) or 'auto' (from the checkpoint's stage)",
                       default="auto")
-    max_new_tokens: int = _help("longest reply, in tokens", default=256)
-    temperature: float = _help("sampling temperature; 0 = greedy (always the most likely token)", default=0.8)
-    top_k: int | None = _help("sample only among the k most likely tokens; None = off", default=None)
-    top_p: float | None = _help("nucleus sampling: only the most likely tokens that together reach this "
+    max_new_tokens: int = option("longest reply, in tokens", default=256)
+    temperature: float = option("sampling temperature; 0 = greedy (always the most likely token)", default=0.8)
+    top_k: int | None = option("sample only among the k most likely tokens; None = off", default=None)
+    top_p: float | None = option("nucleus sampling: only the most likely tokens that together reach this "
                                 "probability; None = off", default=0.95)
-    repetition_penalty: float = _help("> 1 makes tokens already in the conversation less likely", default=1.1)
-    seed: int | None = _help("random seed, for reproducible samples; None = a fresh one (saved with each turn)",
+    repetition_penalty: float = option("> 1 makes tokens already in the conversation less likely", default=1.1)
+    seed: int | None = option("random seed, for reproducible samples; None = a fresh one (saved with each turn)",
                              default=None)
-    system: str | None = _help("system prompt (chat mode)", default=None)
-    device: str = _help("'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'mps'", default="auto")
-    dtype: str = _help("'auto' (bfloat16/float16 on CUDA, else float32), 'float32', 'bfloat16', 'float16'",
+    system: str | None = option("system prompt (chat mode)", default=None)
+    device: str = option("'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'mps'", default="auto")
+    dtype: str = option("'auto' (bfloat16/float16 on CUDA, else float32), 'float32', 'bfloat16', 'float16'",
                        default="auto")
-    output_dir: str = _help("sessions are saved under OUTPUT_DIR/<timestamp>/", default="demo")
-    prompt: str | None = _help("answer this one prompt, print the reply and exit", default=None)
+    output_dir: str = option("sessions are saved under OUTPUT_DIR/<timestamp>/", default="demo")
+    prompt: str | None = option("answer this one prompt, print the reply and exit", default=None)
 
     def validate(self):
         """One-line ValueErrors for settings that cannot work."""

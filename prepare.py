@@ -14,7 +14,6 @@ never has to fit in memory.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import random
 import re
@@ -28,7 +27,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+import dataset
 from configs import parse_args
+from fileio import write_json
 from storyworld import write_default_dataset
 from tokenizer import Tokenizer
 
@@ -86,23 +87,8 @@ def read_txt(path, separator: str = "blankline", chunk_chars: int = 1 << 20) -> 
 
 def read_jsonl(path, text_field: str = "text") -> Iterator[str]:
     """The `text_field` of every line of a JSON Lines file; errors name the file and line."""
-    with open(path, "rb") as f:  # bytes, decoded line by line, so that an encoding error has a line number too
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{lineno}: not valid JSON") from None
-            if not isinstance(row, dict) or text_field not in row:
-                raise ValueError(f"{path}:{lineno}: no field '{text_field}'")
-            if not isinstance(row[text_field], str):
-                raise ValueError(f"{path}:{lineno}: field '{text_field}' is not a string")
-            yield row[text_field]
+    for where, row in dataset.read_jsonl(path):
+        yield dataset.text_field(row, text_field, where)
 
 
 def read_parquet(path, text_field: str = "text", batch_rows: int = 1024) -> Iterator[str]:
@@ -244,12 +230,6 @@ def write_token_files(docs: Iterable[str], flags: Iterable[bool], tok: Tokenizer
     return counts
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------- the pipeline
 
 def default_out_dir(source: str, hf_data_files: str = "") -> Path:
@@ -294,7 +274,7 @@ def prepare(cfg: PrepareConfig) -> Path:
     meta = {"tokenizer": tok.name, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "dtype": dtype,
             **counts, "n_docs": counts["n_train_docs"] + counts["n_val_docs"], "source": cfg.source,
             "seed": cfg.seed, "val_fraction": cfg.val_fraction}
-    _write_json(out_dir / "meta.json", meta)
+    write_json(out_dir / "meta.json", meta)
     print(f"{out_dir}: {meta['n_docs']:,} documents, {counts['n_train_tokens']:,} train and "
           f"{counts['n_val_tokens']:,} val tokens ({tok.name}, {dtype})")
     return out_dir

@@ -15,8 +15,6 @@ are copied from the story, scored by exact match (`answer_matches`).
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import re
 from collections.abc import Iterator
@@ -24,6 +22,8 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import NamedTuple
+
+from fileio import write_jsonl
 
 # ---------------------------------------------------------------------------------------------------------------
 # Entity pools. No entry mentions another entry of its pool (see `mentions`; a test checks it), so whether a
@@ -556,15 +556,6 @@ def answer_matches(reply: str, expected: str) -> bool:
     return normalise(reply) == normalise(expected)
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write atomically: a temp file renamed into place, so a reader never sees half a file."""
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _take_unseen(items: Iterator[tuple[str, dict]], n: int, seen: set[str]) -> list[dict]:
     """The first `n` items whose story is not in `seen`."""
     return list(islice((item for story, item in items if story not in seen), n))
@@ -585,9 +576,9 @@ def write_default_dataset(raw_dir, seed: int = 1337, n_stories: int = 22_000, n_
     chat_items = list(islice(_iter_chats(seed), n_chats))
     pair_items = list(islice(_iter_pairs(seed), n_pairs))
     seen = set(stories) | {s for s, _ in chat_items} | {s for s, _ in pair_items}
-    _write_jsonl(raw_dir / "stories.jsonl", [{"text": s} for s in stories])
-    _write_jsonl(raw_dir / "sft_train.jsonl", [chat for _, chat in chat_items])
-    _write_jsonl(raw_dir / "sft_val.jsonl", _take_unseen(_iter_chats(seed + 1), n_val, seen))
-    _write_jsonl(raw_dir / "dpo_train.jsonl", [pair for _, pair in pair_items])
-    _write_jsonl(raw_dir / "dpo_val.jsonl", _take_unseen(_iter_pairs(seed + 1), n_val, seen))
+    write_jsonl(raw_dir / "stories.jsonl", [{"text": s} for s in stories])
+    write_jsonl(raw_dir / "sft_train.jsonl", [chat for _, chat in chat_items])
+    write_jsonl(raw_dir / "sft_val.jsonl", _take_unseen(_iter_chats(seed + 1), n_val, seen))
+    write_jsonl(raw_dir / "dpo_train.jsonl", [pair for _, pair in pair_items])
+    write_jsonl(raw_dir / "dpo_val.jsonl", _take_unseen(_iter_pairs(seed + 1), n_val, seen))
     return raw_dir

@@ -20,6 +20,8 @@ import tiktoken
 from tokenizers import Regex, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from fileio import atomic_write, write_json
+
 EOT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -150,9 +152,8 @@ class Tokenizer:
                          sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]))
         config = {"name": self.name, "pat_str": self.pat_str,
                   "special_tokens": self.special_ids}
-        _atomic_write(os.path.join(directory, VOCAB_FILE), lines)
-        _atomic_write(os.path.join(directory, CONFIG_FILE),
-                      json.dumps(config, indent=2, ensure_ascii=False).encode())
+        atomic_write(os.path.join(directory, VOCAB_FILE), lines)
+        write_json(os.path.join(directory, CONFIG_FILE), config)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> Tokenizer:
@@ -252,14 +253,3 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
-
-def _atomic_write(path: str, data: bytes) -> None:
-    """Write via a temp file + rename, so readers never see a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"  # same directory, so os.replace is a rename
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # only if something failed before the rename
-            os.remove(tmp)

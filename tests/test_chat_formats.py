@@ -34,7 +34,7 @@ def test_alpaca_input_and_multi_turn_text():
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
      r"x.jsonl:3: messages\[1\] is an empty assistant turn"),
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
-    ({"prompt": "hi"}, "field 'output' is missing"),
+    ({"prompt": "hi"}, "x.jsonl:3: no field 'output'"),
     ({"question": "hi"}, "unknown chat format"),
     ({"text": "just text"}, "问"),
 ])

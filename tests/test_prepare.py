@@ -148,7 +148,7 @@ def test_bad_input_gives_one_clear_line(tmp_path):
 
     lines = [json.dumps({"text": d}) for d in DOCS[:20]]
     (tmp_path / "broken.jsonl").write_text("\n".join(lines[:4] + ["{not json"] + lines[4:]) + "\n")
-    with pytest.raises(ValueError, match=r"broken\.jsonl:5: not valid JSON$"):
+    with pytest.raises(ValueError, match=r"broken\.jsonl:5: not valid JSON \("):
         _prepare(tmp_path, tmp_path / "broken.jsonl")
     (tmp_path / "data.jsonl").write_text("\n".join(lines[:16] + ['{"txt": "typo"}'] + lines[16:]) + "\n")
     with pytest.raises(ValueError, match=r"data\.jsonl:17: no field 'text'$"):

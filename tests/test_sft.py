@@ -167,7 +167,7 @@ def test_bad_rows_name_file_and_line_or_are_counted(tmp_path):
     chats, skipped = load_chats(str(path), skip_bad_rows=True)
     assert skipped == 4 and chats == [to_messages(g, "") for g in good]
     path.write_text(json.dumps(good[0]) + "\n" + json.dumps({"prompt": "hi"}) + "\n")
-    with pytest.raises(DataError, match=r"chats.jsonl:2: field 'output' is missing"):
+    with pytest.raises(DataError, match=r"chats.jsonl:2: no field 'output'"):
         load_chats(str(path))
 
 
