@@ -232,12 +232,9 @@ class SFTConfig(TrainConfig):
 
 
 @dataclass
-class LoRAConfig(SFTConfig):
-    """LoRA fine-tuning (train_lora.py): SFT that trains only low-rank adapters on frozen weights."""
+class LoRAOptions:
+    """The adapter options of the stages that can train through LoRA (lora.py); mixed into their configs."""
 
-    lr: float = _help("peak learning rate (adapters take a higher rate than full fine-tuning)", default=2e-3)
-    min_lr: float = _help("learning rate at the end of the cosine decay", default=2e-4)
-    weight_decay: float = _help("AdamW weight decay on the adapter matrices", default=0.0)
     lora_r: int = _help("adapter rank r", default=8)
     lora_alpha: float = _help("adapter scale alpha: the update is (alpha / r) * B A", default=16.0)
     lora_dropout: float = _help("dropout on the adapters' input", default=0.05)
@@ -245,13 +242,23 @@ class LoRAConfig(SFTConfig):
     lora_targets: str = _help("comma-separated names of the linear layers to adapt (a name matches a module "
                               "whose name is it or ends in .<name>)",
                               default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+
+
+@dataclass
+class LoRAConfig(LoRAOptions, SFTConfig):
+    """LoRA fine-tuning (train_lora.py): SFT that trains only low-rank adapters on frozen weights."""
+
+    lr: float = _help("peak learning rate (adapters take a higher rate than full fine-tuning)", default=2e-3)
+    min_lr: float = _help("learning rate at the end of the cosine decay", default=2e-4)
+    weight_decay: float = _help("AdamW weight decay on the adapter matrices", default=0.0)
     export_merged: str = _help("instead of training, fold the adapters saved in out_dir into their base "
                                "weights and save a full checkpoint to this directory", default="")
 
 
 @dataclass
-class DPOConfig(TrainConfig):
-    """Direct preference optimisation (train_dpo.py): TrainConfig's options with DPO's defaults, plus its own."""
+class DPOConfig(LoRAOptions, TrainConfig):
+    """Direct preference optimisation (train_dpo.py): TrainConfig's options with DPO's defaults, plus its own
+    (and the lora_* options, used with --lora)."""
 
     init_from: str = _help("checkpoint to align; '' = the latest checkpoint/sft", default="")
     batch_size: int = _help("preference pairs per micro-batch (each is a chosen and a rejected sequence)", default=8)
@@ -273,3 +280,11 @@ class DPOConfig(TrainConfig):
                                    default=0.0)
     precompute_ref: bool = _help("compute the reference log-probabilities once, then free the reference model",
                                  default=False)
+    lora: bool = _help("train LoRA adapters (the lora_* options) on the frozen starting model; the reference is "
+                       "the same network with the adapters off, so no second copy is held. Adapters take a "
+                       "higher --lr than full fine-tuning", default=False)
+    eval_chats: str = _help("held-out chats for the answer accuracy before, during and after DPO; '' = "
+                            "<data_dir>/sft_val.jsonl", default="")
+    eval_samples: int = _help("chats of eval_chats for the answer accuracy (greedy generation); 0 = off",
+                              default=100)
+    max_new_tokens: int = _help("longest generated answer in the accuracy evaluation", default=64)
