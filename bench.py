@@ -58,7 +58,7 @@ class BenchConfig:
     device: str = option("'auto' (cuda, then mps, then cpu), or cpu, cuda, mps", default="auto")
     dtype: str = option("'auto' (bf16 autocast on GPUs, float32 on CPU), float32, bfloat16, float16", default="auto")
     compile: str = option("torch.compile our model for training: auto (CUDA on Linux), true or false",
-                         default="auto")
+                          default="auto")
     grad_checkpoint: bool = option("activation checkpointing in both models (ours and HF's)", default=False)
     parts: str = option(f"comma-separated, of: {', '.join(PARTS)}", default=",".join(PARTS))
     hf: bool = option("also measure HF transformers' LlamaForCausalLM (if installed)", default=True)
@@ -69,7 +69,7 @@ class BenchConfig:
     prompt_len: int = option("prompt tokens for generation", default=64)
     new_tokens: int = option("tokens generated after the prompt", default=64)
     peak_tflops: float = option("the device's peak TFLOPS for MFU; 0 = GPU table, else a measured matmul",
-                               default=0.0)
+                                default=0.0)
     out: str = option("where the JSON results go", default="bench.json")
 
 

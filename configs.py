@@ -41,11 +41,11 @@ class ModelConfig:
     n_shared_experts: int = option("MoE: always-on shared experts per layer", default=1)
     norm_topk_prob: bool = option("MoE: renormalise the top-k router weights to sum to 1", default=True)
     aux_loss_alpha: float = option("MoE: weight of the load-balancing loss added to the training loss",
-                                  default=0.01)
+                                   default=0.01)
     seq_aux: bool = option("MoE: balance the experts within each sequence (else over the whole batch)",
-                          default=True)
+                           default=True)
     capacity_factor: float = option("MoE: an expert takes at most capacity_factor * its fair share of the "
-                                   "tokens, the rest are dropped; 0 = never drop", default=0.0)
+                                    "tokens, the rest are dropped; 0 = never drop", default=0.0)
 
     def __post_init__(self):
         if self.hidden_dim is None:
@@ -106,22 +106,22 @@ class TrainConfig:
     """Options shared by every training stage (the Trainer base reads these)."""
 
     preset: str = option(f"model preset: {', '.join(PRESETS)} (model fields below override it); "
-                        "'auto' = tiny on CPU, minimind2-small on a GPU", default="auto")
+                         "'auto' = tiny on CPU, minimind2-small on a GPU", default="auto")
     data_dir: str = option("prepared data directory (from prepare.py)", default="data/storyworld")
     out_dir: str = option("where checkpoints and metrics go; '' = checkpoint/<stage>", default="")
     init_from: str = option("checkpoint directory to start from; '' = the stage's default", default="")
     resume: bool = option("continue the run saved in out_dir (model, optimizer, RNG, data position)", default=False)
     device: str = option("'auto' (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps", default="auto")
     dtype: str = option("'auto' (bf16 on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU/MPS), "
-                       "or float32, bfloat16, float16", default="auto")
+                        "or float32, bfloat16, float16", default="auto")
     compile: str = option("torch.compile the model: auto (CUDA on Linux), true or false", default="auto")
     seed: int = option("random seed (model init and data order)", default=1337)
     batch_size: int = option("sequences per micro-batch (per process)", default=16)
     seq_len: int = option("tokens per sequence; 0 = the model's max_seq_len", default=256)
     grad_accum: int = option("micro-batches per optimizer step (global batch = batch_size * grad_accum * world)",
-                            default=1)
+                             default=1)
     max_steps: int = option("optimizer steps to train (the default suits the tiny preset on a CPU; "
-                           "use thousands on a GPU)", default=200)
+                            "use thousands on a GPU)", default=200)
     lr: float = option("peak learning rate", default=2e-3)
     min_lr: float = option("learning rate at the end of the cosine decay", default=1e-4)
     warmup_steps: int = option("linear warmup steps", default=20)
@@ -199,54 +199,61 @@ class SFTConfig(TrainConfig):
     # New defaults for inherited fields: chats are short, fine-tuning needs fewer steps and a lower rate.
     batch_size: int = option("chats per micro-batch (per process)", default=16)
     seq_len: int = option("longest chat in tokens (longer ones are truncated); 0 = the model's max_seq_len",
-                         default=0)
+                          default=0)
     max_steps: int = option("optimizer steps to train", default=150)
     lr: float = option("peak learning rate", default=5e-4)
     min_lr: float = option("learning rate at the end of the cosine decay", default=5e-5)
     warmup_steps: int = option("linear warmup steps", default=15)
     eval_interval: int = option("evaluate every N steps (and always before the first and after the last step)",
-                               default=1000)
+                                default=1000)
     eval_iters: int = option("validation batches per evaluation (masked val loss)", default=4)
     save_interval: int = option("save a checkpoint every N steps (and at the end)", default=100)
     # Stage options.
     sft_data: str = option("training chats: a .jsonl file (any chat format of dataset.to_messages) or "
-                          "hf:<dataset> (e.g. hf:jingyaogong/minimind_dataset with --hf_data_files "
-                          "sft_mini_512.jsonl); '' = <data_dir>/sft_train.jsonl", default="")
+                           "hf:<dataset> (e.g. hf:jingyaogong/minimind_dataset with --hf_data_files "
+                           "sft_mini_512.jsonl); '' = <data_dir>/sft_train.jsonl", default="")
     sft_val_data: str = option("validation chats, same forms; '' = <data_dir>/sft_val.jsonl; 'none' = no "
-                              "validation", default="")
+                               "validation", default="")
     hf_data_files: str = option("hf: only, the file(s) of the dataset repository to read", default="")
     hf_split: str = option("hf: only, the split to read", default="train")
     pack: bool = option("pack several chats into each row (attention stays inside each chat) instead of padding",
-                       default=False)
+                        default=False)
     drop_long: bool = option("drop chats longer than seq_len instead of truncating them", default=False)
     skip_bad_rows: bool = option("skip and count malformed rows instead of stopping at the first", default=False)
     show_mask: bool = option("print one tokenised training chat with the trained tokens marked, and exit",
-                            default=False)
+                             default=False)
     eval_samples: int = option("held-out chats for answer accuracy (greedy generation); 0 = off", default=100)
     max_new_tokens: int = option("longest generated answer in the accuracy evaluation", default=64)
 
 
 @dataclass
-class LoRAConfig(SFTConfig):
-    """LoRA fine-tuning (train_lora.py): SFT that trains only low-rank adapters on frozen weights."""
+class LoRAOptions:
+    """The adapter options of the stages that can train through LoRA (lora.py); mixed into their configs."""
 
-    lr: float = option("peak learning rate (adapters take a higher rate than full fine-tuning)", default=2e-3)
-    min_lr: float = option("learning rate at the end of the cosine decay", default=2e-4)
-    weight_decay: float = option("AdamW weight decay on the adapter matrices", default=0.0)
     lora_r: int = option("adapter rank r", default=8)
     lora_alpha: float = option("adapter scale alpha: the update is (alpha / r) * B A", default=16.0)
     lora_dropout: float = option("dropout on the adapters' input", default=0.05)
     use_rslora: bool = option("rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r", default=False)
     lora_targets: str = option("comma-separated names of the linear layers to adapt (a name matches a module "
-                              "whose name is it or ends in .<name>)",
-                              default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
-    export_merged: str = option("instead of training, fold the adapters saved in out_dir into their base "
-                               "weights and save a full checkpoint to this directory", default="")
+                               "whose name is it or ends in .<name>)",
+                               default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
 
 
 @dataclass
-class DPOConfig(TrainConfig):
-    """Direct preference optimisation (train_dpo.py): TrainConfig's options with DPO's defaults, plus its own."""
+class LoRAConfig(LoRAOptions, SFTConfig):
+    """LoRA fine-tuning (train_lora.py): SFT that trains only low-rank adapters on frozen weights."""
+
+    lr: float = option("peak learning rate (adapters take a higher rate than full fine-tuning)", default=2e-3)
+    min_lr: float = option("learning rate at the end of the cosine decay", default=2e-4)
+    weight_decay: float = option("AdamW weight decay on the adapter matrices", default=0.0)
+    export_merged: str = option("instead of training, fold the adapters saved in out_dir into their base "
+                                "weights and save a full checkpoint to this directory", default="")
+
+
+@dataclass
+class DPOConfig(LoRAOptions, TrainConfig):
+    """Direct preference optimisation (train_dpo.py): TrainConfig's options with DPO's defaults, plus its own
+    (and the lora_* options, used with --lora)."""
 
     init_from: str = option("checkpoint to align; '' = the latest checkpoint/sft", default="")
     batch_size: int = option("preference pairs per micro-batch (each is a chosen and a rejected sequence)", default=8)
@@ -265,6 +272,14 @@ class DPOConfig(TrainConfig):
     beta: float = option("DPO beta: strength of the pull towards the reference model", default=0.1)
     loss_type: str = option("sigmoid (DPO), ipo or hinge", default="sigmoid")
     label_smoothing: float = option("conservative DPO: assumed probability that a preference is flipped (sigmoid)",
-                                   default=0.0)
+                                    default=0.0)
     precompute_ref: bool = option("compute the reference log-probabilities once, then free the reference model",
-                                 default=False)
+                                  default=False)
+    lora: bool = option("train LoRA adapters (the lora_* options) on the frozen starting model; the reference is "
+                        "the same network with the adapters off, so no second copy is held. Adapters take a "
+                        "higher --lr than full fine-tuning", default=False)
+    eval_chats: str = option("held-out chats for the answer accuracy before, during and after DPO; '' = "
+                             "<data_dir>/sft_val.jsonl", default="")
+    eval_samples: int = option("chats of eval_chats for the answer accuracy (greedy generation); 0 = off",
+                               default=100)
+    max_new_tokens: int = option("longest generated answer in the accuracy evaluation", default=64)

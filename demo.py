@@ -37,19 +37,19 @@ HELP = "commands: /reset forgets the conversation, /help shows this, exit or qui
 class DemoConfig:
     checkpoint: str | None = option("checkpoint directory; None = the newest under checkpoint/", default=None)
     mode: str = option("'chat' (ChatML, multi-turn), 'text' (continuation) or 'auto' (from the checkpoint's stage)",
-                      default="auto")
+                       default="auto")
     max_new_tokens: int = option("longest reply, in tokens", default=256)
     temperature: float = option("sampling temperature; 0 = greedy (always the most likely token)", default=0.8)
     top_k: int | None = option("sample only among the k most likely tokens; None = off", default=None)
     top_p: float | None = option("nucleus sampling: only the most likely tokens that together reach this "
-                                "probability; None = off", default=0.95)
+                                 "probability; None = off", default=0.95)
     repetition_penalty: float = option("> 1 makes tokens already in the conversation less likely", default=1.1)
     seed: int | None = option("random seed, for reproducible samples; None = a fresh one (saved with each turn)",
-                             default=None)
+                              default=None)
     system: str | None = option("system prompt (chat mode)", default=None)
     device: str = option("'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'mps'", default="auto")
     dtype: str = option("'auto' (bfloat16/float16 on CUDA, else float32), 'float32', 'bfloat16', 'float16'",
-                       default="auto")
+                        default="auto")
     output_dir: str = option("sessions are saved under OUTPUT_DIR/<timestamp>/", default="demo")
     prompt: str | None = option("answer this one prompt, print the reply and exit", default=None)
 

@@ -150,6 +150,10 @@ def save_lora_checkpoint(directory, model: GPT, tokenizer: Tokenizer, base_dir, 
                            extra_json={ADAPTER_CONFIG: config}, save_weights=False)
 
 
+def is_adapter_dir(directory) -> bool:
+    return (Path(directory) / ADAPTER_CONFIG).exists()
+
+
 def read_adapter_config(directory) -> dict:
     path = Path(directory) / ADAPTER_CONFIG
     if not path.exists():

@@ -17,7 +17,7 @@ import os
 import platform
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -385,6 +385,18 @@ class PretrainTrainer(Trainer):
     stage = "pretrain"
 
 
+def peak_memory() -> str:
+    """This process's peak resident memory (Linux's VmHWM) and, if CUDA was used, the peak GPU memory allocated."""
+    parts = []
+    status = Path("/proc/self/status")
+    if status.exists():
+        kb = next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM"))
+        parts.append(f"peak RSS {kb / 1024:.0f} MiB")
+    if torch.cuda.is_initialized():
+        parts.append(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+    return ", ".join(parts) or "peak memory: not measured on this platform"
+
+
 def run_stage(trainer_cls, config_cls=TrainConfig, argv=None, description: str = "") -> dict[str, float]:
     """Entry point shared by the train_*.py scripts: parse flags, train, report, clean up.
 
@@ -401,6 +413,7 @@ def run_stage(trainer_cls, config_cls=TrainConfig, argv=None, description: str =
         results = trainer.train()
         trainer.log(f"saved {trainer.out_dir} at step {trainer.step}: "
                     + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        trainer.log(peak_memory())
         return results
     except KeyboardInterrupt:
         sys.exit(130)
@@ -507,33 +520,36 @@ class SFTTrainer(Trainer):
         return {**super().run_info(), "init_from": self.base_dir}
 
 
-class LoRATrainer(SFTTrainer):
-    """SFT through LoRA adapters on a frozen model; checkpoints hold only the adapters (lora.py)."""
+class LoRAMixin:
+    """LoRA for a Trainer stage: adapters on a frozen base, from the lora_* options (configs.LoRAOptions), and
+    adapter-only checkpoints (lora.py). A stage that can also train all weights leaves lora_settings None."""
 
-    stage = "lora"
-    init_stages = ("sft", "pretrain")
+    lora_settings: dict | None = None
 
-    def lora_config(self) -> dict:
+    def build_lora_model(self, base_dir) -> tuple[GPT, Tokenizer]:
+        """Fresh adapters on base_dir; when resuming, out_dir's adapters on their own base with their own
+        settings, whatever the flags say now. Sets self.base_dir."""
         cfg = self.cfg
-        return {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout, "use_rslora": cfg.use_rslora,
-                "targets": [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]}
-
-    def build_model(self) -> tuple[GPT, Tokenizer]:
-        if self.cfg.resume:  # the adapters' own base and settings, whatever the flags say now
+        if cfg.resume:
             config = lora.read_adapter_config(self.out_dir)
-            self.base_dir = str(lora.check_base(config, self.out_dir))
+            base_dir = lora.check_base(config, self.out_dir)
         else:
-            config, self.base_dir = self.lora_config(), str(find_init_dir(self.cfg.init_from, self.init_stages))
+            config = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
+                      "use_rslora": cfg.use_rslora,
+                      "targets": [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]}
+        self.base_dir = str(base_dir)
         self.lora_settings = {k: config[k] for k in ("r", "alpha", "dropout", "use_rslora", "targets")}
         model, tokenizer = self.load_pretrained(self.base_dir)
         counts = lora.apply_lora(model, **self.lora_settings)
-        if self.cfg.resume:
+        if cfg.resume:
             lora.load_adapters(model, self.out_dir)
         self.log(f"LoRA r={config['r']} on {counts['wrapped']} layers: {counts['trainable']:,} trainable of "
                  f"{counts['total']:,} parameters ({100 * counts['trainable'] / counts['total']:.2f}%)")
         return model, tokenizer
 
     def save(self):
+        if self.lora_settings is None:
+            return super().save()
         if self.master:
             lora.save_lora_checkpoint(self.out_dir, self.model, self.tokenizer, self.base_dir, self.lora_settings,
                                       self.run_info(), self.train_state())
@@ -541,12 +557,24 @@ class LoRATrainer(SFTTrainer):
             dist.barrier()
 
 
-class DPOTrainer(Trainer):
+class LoRATrainer(LoRAMixin, SFTTrainer):
+    """SFT through LoRA adapters on a frozen model; checkpoints hold only the adapters (lora.py)."""
+
+    stage = "lora"
+    init_stages = ("sft", "pretrain")
+
+    def build_model(self) -> tuple[GPT, Tokenizer]:
+        return self.build_lora_model(None if self.cfg.resume else find_init_dir(self.cfg.init_from, self.init_stages))
+
+
+class DPOTrainer(LoRAMixin, Trainer):
     """Direct preference optimisation against a frozen reference: a copy of the starting policy.
 
     Each step runs the chosen and rejected sequences through the policy as one batch and through the reference
     without gradients (or reads the reference log-probabilities computed once before training, with
-    --precompute_ref, when the reference model is freed).
+    --precompute_ref, when the reference model is freed). With --lora the policy is the starting model with
+    adapters and the reference is the same network with the adapters switched off: one copy of the weights.
+    Evaluation adds the answer accuracy on held-out chats, to show whether DPO kept what SFT taught.
     """
 
     stage = "dpo"
@@ -554,15 +582,37 @@ class DPOTrainer(Trainer):
     def build_model(self) -> tuple[GPT, Tokenizer]:
         """The policy: the checkpoint to align (or out_dir's when resuming). The reference is always the
         starting checkpoint, which run.json records so that --resume rebuilds the same reference."""
-        if self.cfg.resume:
+        if self.cfg.lora:
+            start = None if self.cfg.resume else self.cfg.init_from or self._latest_sft()
+            if start and lora.is_adapter_dir(start):
+                raise ValueError(f"{start} holds LoRA adapters, and --lora needs a full checkpoint as its base: "
+                                 f"fold them in first (python train_lora.py --out_dir {start} --export_merged DIR) "
+                                 f"and pass --init_from DIR")
+            model, tokenizer = self.build_lora_model(start)
+            self.init_source, self.reference = self.base_dir, None  # the reference: adapters off
+        elif self.cfg.resume:
             self.init_source = load_run_info(self.out_dir).get("init_from") or self.cfg.init_from
             model, tokenizer = self.load_pretrained(self.out_dir)
-            self.reference = self.load_pretrained(self.init_source)[0].requires_grad_(False)
+            self.reference = self.load_start(self.init_source)[0].requires_grad_(False)
         else:
             self.init_source = self.cfg.init_from or self._latest_sft()
-            model, tokenizer = self.load_pretrained(self.init_source)
+            model, tokenizer = self.load_start(self.init_source)
             # Precomputing reads the untrained policy itself; otherwise training needs a copy that stays put.
             self.reference = model if self.cfg.precompute_ref else copy.deepcopy(model).requires_grad_(False)
+        return model, tokenizer
+
+    def load_start(self, directory) -> tuple[GPT, Tokenizer]:
+        """A full checkpoint, or an adapter checkpoint (checkpoint/lora) with its adapters folded into its base."""
+        if not lora.is_adapter_dir(directory):
+            return self.load_pretrained(directory)
+        model, tokenizer = lora.load_lora_checkpoint(directory)
+        lora.merge_and_unload(model)
+        if self.model_overrides:  # e.g. --dropout: rebuild with the overrides, keep the merged weights
+            merged = model.state_dict()
+            model = GPT(ModelConfig(**{**asdict(model.config), **self.model_overrides}))
+            model.load_state_dict(merged)
+        base = lora.read_adapter_config(directory)["base_checkpoint"]
+        self.log(f"{directory}: LoRA adapters, folded into their base {base}")
         return model, tokenizer
 
     @staticmethod
@@ -590,11 +640,34 @@ class DPOTrainer(Trainer):
                      f"tokens, {data[split].n_skipped} malformed rows skipped")
         self.train_data, self.val_data = data["train"], data["val"]
         self.sampler = self.train_data.sampler(cfg.batch_size, cfg.seed, self.rank, self.world)
-        self.reference.to(self.device).eval()
+        self.answer_chats = []
+        if cfg.eval_samples > 0:
+            source = chat_source(cfg, "sft_val.jsonl", cfg.eval_chats)
+            chats, skipped = load_chats(source, cfg.skip_bad_rows)
+            self.answer_chats = chats[:cfg.eval_samples]
+            self.log(f"{source}: answer accuracy on {len(self.answer_chats)} chats"
+                     + (f", {skipped} malformed rows skipped" if skipped else ""))
+        if self.reference is not None:
+            self.reference.to(self.device).eval()
         if cfg.precompute_ref:
             for dataset in (self.train_data, self.val_data):
                 dataset.reference_logps = self._reference_logps_of(dataset)
             self.reference = None  # freed (or it was the policy): training holds one model, as in SFT
+
+    @contextmanager
+    def reference_model(self):
+        """The frozen reference: its own copy, or with --lora this network with the adapters off, in eval mode
+        (as the copy is) so that no dropout applies."""
+        if not self.cfg.lora:
+            yield self.reference
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with lora.adapters_disabled(self.model):
+                yield self.model
+        finally:
+            self.model.train(was_training)
 
     @torch.no_grad()
     def _reference_logps_of(self, dataset) -> torch.Tensor:
@@ -608,8 +681,8 @@ class DPOTrainer(Trainer):
         return torch.cat(out)
 
     def _reference_logps(self, batch) -> torch.Tensor:
-        with torch.no_grad(), self.autocast:
-            return sequence_logps(self.reference(batch["input_ids"]), batch["labels"], batch["loss_mask"])
+        with torch.no_grad(), self.autocast, self.reference_model() as reference:
+            return sequence_logps(reference(batch["input_ids"]), batch["labels"], batch["loss_mask"])
 
     def val_indices(self) -> list[list[int]]:
         """The validation batches: the first eval_iters * batch_size pairs (the same ones every evaluation)."""
@@ -630,7 +703,7 @@ class DPOTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The training metrics, averaged over the same validation pairs each time."""
+        """The training metrics, averaged over the same validation pairs each time, and the answer accuracy."""
         totals: dict[str, float] = {}
         batches = self.val_indices()
         for indices in batches:
@@ -640,7 +713,11 @@ class DPOTrainer(Trainer):
             for name, value in {"loss": loss, **metrics}.items():
                 totals[name] = totals.get(name, 0.0) + self.all_reduce_mean(value.float()) * len(indices)
         n = sum(len(indices) for indices in batches)
-        return {f"val_{name}": total / n for name, total in totals.items()}
+        results = {f"val_{name}": total / n for name, total in totals.items()}
+        if self.answer_chats:  # the same on every rank: no reduction needed
+            with self.autocast:
+                results.update(answer_accuracy(self.model, self.tokenizer, self.answer_chats, self.cfg.max_new_tokens))
+        return results
 
     def run_info(self) -> dict:
         return {**super().run_info(), "init_from": self.init_source}

@@ -11,11 +11,13 @@ import pytest
 import torch
 
 import checkpoint
+import lora
 from configs import DPOConfig, ModelConfig
 from dataset import DataError, PreferenceDataset, encode_preference, to_preference
+from evals import answer_accuracy
 from loss import DPOLoss, sequence_logps
 from model import GPT
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, make_chats
 from trainers import DPOTrainer
 
 
@@ -203,13 +205,13 @@ def dpo_setup(tmp_path, tokenizer):
     return tmp_path
 
 
-def make_dpo(root, **train):
+def make_dpo(root, model_overrides=None, **train):
     cfg = DPOConfig(**{**dict(init_from=str(root / "sft"), out_dir=str(root / "dpo"), data_dir=str(root),
                               train_file=str(root / "train.jsonl"), val_file=str(root / "val.jsonl"),
                               device="cpu", batch_size=4,
                               max_steps=12, warmup_steps=2, lr=3e-3, min_lr=3e-4, eval_interval=6, eval_iters=1,
-                              save_interval=6, beta=0.5), **train})
-    return DPOTrainer(cfg)
+                              save_interval=6, beta=0.5, eval_samples=0), **train})
+    return DPOTrainer(cfg, model_overrides)
 
 
 def test_dpo_raises_reward_accuracy_and_keeps_the_reference_frozen(dpo_setup):
@@ -278,3 +280,102 @@ def test_train_dpo_without_an_sft_checkpoint_says_to_run_sft_first(tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("error: checkpoint/sft: no SFT checkpoint; run `python "
                                                       "train_sft.py` first (or pass --init_from <checkpoint dir>)")
+
+
+# ----------------------------------------------------------------------------- --lora and the answer accuracy
+def lora_dpo(root, **train):
+    return make_dpo(root, **{**dict(lora=True, lora_r=4, lora_alpha=8, lr=1e-2, min_lr=1e-3), **train})
+
+
+def base_name(name: str) -> str:
+    """A wrapped layer's parameter name as the plain model has it."""
+    return name.replace(".base.", ".")
+
+
+def test_lora_reference_is_the_base_model_and_holds_no_copy(dpo_setup):
+    # Model dropout on: the reference must still run in eval mode, as a frozen copy would.
+    trainer = lora_dpo(dpo_setup, model_overrides={"dropout": 0.5}, lora_dropout=0.3)
+    assert trainer.reference is None
+    with torch.no_grad():
+        for layer in lora.lora_layers(trainer.model):
+            layer.lora_B.normal_(0, 0.2)
+    base = GPT.from_pretrained(dpo_setup / "sft").eval()
+    batch = trainer.val_data.batch([0, 1, 2])
+    trainer.model.train()
+    with torch.no_grad():
+        expected = sequence_logps(base(batch["input_ids"]), batch["labels"], batch["loss_mask"])
+        got = trainer._reference_logps(batch)
+        trainer.model.eval()
+        policy = sequence_logps(trainer.model(batch["input_ids"]), batch["labels"], batch["loss_mask"])
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(policy, expected, atol=1e-2)  # the adapters do change the policy
+    trainer.model.train()
+    trainer._reference_logps(batch)
+    assert trainer.model.training and all(layer.enabled for layer in lora.lora_layers(trainer.model))  # restored
+
+
+def test_dpo_with_lora_trains_only_the_adapters_and_saves_loadable_adapters(dpo_setup):
+    trainer = lora_dpo(dpo_setup, max_steps=20, eval_interval=20)
+    start = GPT.from_pretrained(dpo_setup / "sft").state_dict()
+    loss, _ = trainer.compute_loss(trainer.model, trainer.val_data.batch([0, 1, 2, 3]))
+    loss.backward()
+    for name, p in trainer.model.named_parameters():
+        if ".lora_B" in name:  # (A's gradient is zero while B is: B starts at zero)
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        elif ".lora_A" not in name:
+            assert p.grad is None and not p.requires_grad, name
+    trainer.optimizer.zero_grad(set_to_none=True)
+
+    results = trainer.train()
+    assert results["val_rewards/accuracy"] > 0.9 and results["val_rewards/margin"] > 0
+    state = trainer.model.state_dict()
+    base = {base_name(k): v for k, v in state.items() if ".lora_" not in k}
+    assert base.keys() == start.keys() and all(torch.equal(v, start[k]) for k, v in base.items())
+    assert any(v.abs().sum() > 0 for k, v in state.items() if ".lora_B" in k)
+
+    out = dpo_setup / "dpo"
+    assert not (out / checkpoint.WEIGHTS).exists()
+    config = lora.read_adapter_config(out)
+    assert config["base_checkpoint"] == str(dpo_setup / "sft") and config["r"] == 4
+    model, _ = lora.load_lora_checkpoint(out)
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    trainer.model.eval()
+    assert torch.allclose(model(idx), trainer.model(idx), atol=1e-6)
+
+    resumed = lora_dpo(dpo_setup, max_steps=24, resume=True, lora_r=8)
+    assert resumed.step == 20 and resumed.reference is None and resumed.lora_settings["r"] == 4
+    assert resumed.init_source == str(dpo_setup / "sft")
+    assert all(torch.equal(v, state[k]) for k, v in resumed.model.state_dict().items())
+
+
+def test_an_adapter_checkpoint_to_start_from_is_merged_or_refused_with_lora(dpo_setup, tokenizer):
+    model = GPT.from_pretrained(dpo_setup / "sft")
+    settings = dict(r=4, alpha=8, dropout=0.0, use_rslora=False, targets=["q_proj", "down_proj"])
+    lora.apply_lora(model, **settings)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model):
+            layer.lora_B.normal_(0, 0.2)
+    lora.save_lora_checkpoint(dpo_setup / "lora", model, tokenizer, dpo_setup / "sft", settings, {"stage": "lora"})
+
+    trainer = make_dpo(dpo_setup, init_from=str(dpo_setup / "lora"))
+    assert not lora.lora_layers(trainer.model)  # folded in: DPO trains all weights of SFT + LoRA
+    idx = torch.randint(0, tokenizer.vocab_size, (2, 16))
+    assert torch.allclose(trainer.model.eval()(idx), model.eval()(idx), atol=1e-5)
+    assert trainer.evaluate()["val_loss"] == pytest.approx(math.log(2), abs=1e-5)  # reference = merged start
+    with pytest.raises(ValueError, match="holds LoRA adapters, and --lora needs a full checkpoint.*--export_merged"):
+        lora_dpo(dpo_setup, init_from=str(dpo_setup / "lora"))
+
+
+def test_evaluate_reports_the_answer_accuracy_before_and_after(dpo_setup, tokenizer):
+    chats = make_chats(12, 3)
+    write_jsonl(dpo_setup / "chats.jsonl", chats)
+    trainer = make_dpo(dpo_setup, max_steps=2, eval_interval=10, eval_chats=str(dpo_setup / "chats.jsonl"),
+                       eval_samples=5, max_new_tokens=8)
+    assert len(trainer.answer_chats) == 5
+    expected = answer_accuracy(trainer.model, tokenizer, [c["conversations"] for c in chats[:5]], 8)
+    results = trainer.evaluate()
+    assert {k: results[k] for k in expected} == pytest.approx(expected, nan_ok=True)
+    trainer.train()
+    records = [json.loads(line) for line in (dpo_setup / "dpo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "answer_acc" in r] == [0, 2]  # before and after DPO
+    assert "answer_acc" not in str(make_dpo(dpo_setup).evaluate())  # eval_samples=0: off
