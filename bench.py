@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from configs import ModelConfig, get_config, option, parse_args
-from loss import lm_loss
+from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
 from trainers import pick_device, pick_dtype
 
@@ -176,8 +176,8 @@ class Runner:
                 loss = lm_loss(logits, batch["labels"], batch["loss_mask"])
             else:
                 ref_logps = batch["ref_logps"] if part == "dpo_pre" else self.reference_logps(batch)
-                policy_logps = sequence_logps(logits, batch["labels"], batch["loss_mask"])
-                loss = dpo_loss(policy_logps, ref_logps)
+                policy_chosen, policy_rejected = sequence_logps(logits, batch["labels"], batch["loss_mask"]).chunk(2)
+                loss = DPOLoss()(policy_chosen, policy_rejected, *ref_logps.chunk(2))[0]
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -210,19 +210,6 @@ def compiled_or_eager(model, cfg: BenchConfig, device):
         return state["fn"](ids)
 
     return forward
-
-
-def sequence_logps(logits, labels, mask):
-    """Sum of the log-probabilities of the masked-in target tokens of each row."""
-    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-    return (token_logps * mask).sum(-1)
-
-
-def dpo_loss(policy_logps, ref_logps, beta: float = 0.1):
-    """DPO (Rafailov et al. 2023): rows are [chosen..., rejected...]."""
-    pc, pr = policy_logps.chunk(2)
-    rc, rr = ref_logps.chunk(2)
-    return -F.logsigmoid(beta * ((pc - rc) - (pr - rr))).mean()
 
 
 def make_batch(part: str, cfg: BenchConfig, device) -> dict:

@@ -26,9 +26,9 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     Labels are aligned with the logits as in lm_loss. Masked positions (prompt, padding) add exactly 0:
     their label is replaced by a valid id before the gather and their term is zeroed, not just down-weighted.
     """
-    logps = torch.log_softmax(logits.float(), dim=-1)
     safe_labels = labels.masked_fill(loss_mask == 0, 0)
-    token_logps = logps.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    # cross_entropy is log_softmax + gather in one kernel, without keeping a (B, T, V) log-prob tensor.
+    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), safe_labels, reduction="none")
     return (token_logps * loss_mask).sum(-1)
 
 
