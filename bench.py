@@ -280,13 +280,18 @@ def weight_matrices(model: GPT, fused: bool) -> list[torch.Tensor]:
     """The weight matrices one decoded token multiplies by, in order (optionally q/k/v and gate/up fused)."""
     mats = []
     for layer in model.layers:
-        a, m = layer.attn, layer.mlp
+        a = layer.attn
+        # A MoE layer: the router, the shared experts and the top-k routed experts a token is sent to.
+        mlps = ([layer.mlp] if not model.config.use_moe else
+                [*layer.mlp.shared_experts, *layer.mlp.experts[:model.config.num_experts_per_tok]])
         if fused:
-            mats += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight,
-                     torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight]
+            mats += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight]
+            mats += [w for m in mlps for w in (torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight)]
         else:
-            mats += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight,
-                     m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight]
+            mats += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight]
+            mats += [w for m in mlps for w in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
+        if model.config.use_moe:
+            mats.append(layer.mlp.router.weight)
     return mats + [model.lm_head.weight]
 
 

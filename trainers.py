@@ -35,12 +35,13 @@ from checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from configs import ModelConfig, TrainConfig, get_config
+from configs import ModelConfig, TrainConfig, get_config, parse_train_args
 from dataset import PreferenceDataset, PretrainDataset, SFTDataset, load_chats
 from evals import answer_accuracy
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
 from moe import collect_moe_stats
+from prepare import ensure_default_data
 from tokenizer import Tokenizer
 
 
@@ -65,6 +66,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def prepare_default_data(data_dir: str) -> None:
+    """Generate the embedded default data set on first use (other data directories come from prepare.py)."""
+    if data_dir == "data/storyworld":
+        ensure_default_data(data_dir)
 
 
 class Trainer:
@@ -142,10 +149,7 @@ class Trainer:
         source = self.out_dir if self.cfg.resume else self.cfg.init_from
         if source:
             return self.load_pretrained(source)
-        if self.cfg.data_dir == "data/storyworld":  # the embedded default: generate it on first use
-            from prepare import ensure_default_data
-
-            ensure_default_data(self.cfg.data_dir)
+        prepare_default_data(self.cfg.data_dir)
         tokenizer = Tokenizer.from_pretrained(self.cfg.data_dir)
         preset = self.cfg.preset
         if preset == "auto":
@@ -402,8 +406,6 @@ def run_stage(trainer_cls, config_cls=TrainConfig, argv=None, description: str =
 
     Bad input (a missing file, a config that does not fit) ends with one line, not a traceback.
     """
-    from configs import parse_train_args
-
     cfg, model_overrides = parse_train_args(config_cls, argv, description)
     try:
         trainer = trainer_cls(cfg, model_overrides)
@@ -421,7 +423,6 @@ def run_stage(trainer_cls, config_cls=TrainConfig, argv=None, description: str =
         sys.exit(f"error: {e}")
     finally:
         trainer.close()
-
 
 
 def find_init_dir(init_from: str, stages: tuple[str, ...]) -> Path:
@@ -443,10 +444,7 @@ def chat_source(cfg, name: str, given: str) -> str | None:
         return None
     if given:
         return given
-    if cfg.data_dir == "data/storyworld":  # the embedded default: generate it on first use
-        from prepare import ensure_default_data
-
-        ensure_default_data(cfg.data_dir)
+    prepare_default_data(cfg.data_dir)
     return str(Path(cfg.data_dir) / name)
 
 
@@ -627,10 +625,8 @@ class DPOTrainer(LoRAMixin, Trainer):
         """The pairs, and the reference on the device (precomputing its log-probabilities if asked)."""
         cfg = self.cfg
         self.loss_fn = DPOLoss(cfg.beta, cfg.loss_type, cfg.label_smoothing)
-        if cfg.data_dir == "data/storyworld" and not (cfg.train_file and cfg.val_file):
-            from prepare import ensure_default_data
-
-            ensure_default_data(cfg.data_dir)
+        if not (cfg.train_file and cfg.val_file):
+            prepare_default_data(cfg.data_dir)
         files = {"train": cfg.train_file or f"{cfg.data_dir}/dpo_train.jsonl",
                  "val": cfg.val_file or f"{cfg.data_dir}/dpo_val.jsonl"}
         data = {}
