@@ -349,9 +349,13 @@ class Trainer:
             state = self.train_state()
             if rank_rng is not None:
                 state["rank_rng"] = rank_rng
-            save_checkpoint(self.out_dir, self.model, self.tokenizer, self.run_info(), state)
+            self.write_checkpoint(state)
         if self.ddp:
             dist.barrier()
+
+    def write_checkpoint(self, train_state: dict):
+        """Write out_dir (on rank 0): the full model; a LoRA stage writes only its adapters."""
+        save_checkpoint(self.out_dir, self.model, self.tokenizer, self.run_info(), train_state)
 
     def _rng_state(self) -> dict:
         state = {"cpu_rng": torch.get_rng_state()}
@@ -545,14 +549,11 @@ class LoRAMixin:
                  f"{counts['total']:,} parameters ({100 * counts['trainable'] / counts['total']:.2f}%)")
         return model, tokenizer
 
-    def save(self):
+    def write_checkpoint(self, train_state: dict):
         if self.lora_settings is None:
-            return super().save()
-        if self.master:
-            lora.save_lora_checkpoint(self.out_dir, self.model, self.tokenizer, self.base_dir, self.lora_settings,
-                                      self.run_info(), self.train_state())
-        if self.ddp:
-            dist.barrier()
+            return super().write_checkpoint(train_state)
+        lora.save_lora_checkpoint(self.out_dir, self.model, self.tokenizer, self.base_dir, self.lora_settings,
+                                  self.run_info(), train_state)
 
 
 class LoRATrainer(LoRAMixin, SFTTrainer):
