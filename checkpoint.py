@@ -145,7 +145,8 @@ def load_train_state(directory) -> dict:
 
 
 def latest_checkpoint(root="checkpoint", stages: tuple[str, ...] | None = None) -> Path | None:
-    """The most recently written checkpoint directory under root (among `stages` if given)."""
+    """The most recently written checkpoint directory under root (among `stages` if given): full checkpoints
+    and LoRA adapter-only ones alike, as every checkpoint holds a config.json."""
     root = Path(root)
     if not root.is_dir():
         return None
@@ -153,5 +154,5 @@ def latest_checkpoint(root="checkpoint", stages: tuple[str, ...] | None = None) 
         if d.name.endswith(".old"):
             _recover(d.with_name(d.name[:-4]))
     names = stages if stages is not None else [d.name for d in root.iterdir()]
-    found = [root / n for n in names if (root / n / WEIGHTS).exists() and not n.endswith((".tmp", ".old"))]
-    return max(found, key=lambda d: (d / WEIGHTS).stat().st_mtime) if found else None
+    found = [root / n for n in names if (root / n / "config.json").exists() and not n.endswith((".tmp", ".old"))]
+    return max(found, key=lambda d: (d / "config.json").stat().st_mtime) if found else None

@@ -22,13 +22,13 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import WEIGHTS, latest_checkpoint
+import lora
+from checkpoint import latest_checkpoint, load_run_info
 from configs import option, parse_args
 from model import GPT
 from tokenizer import Tokenizer
 from trainers import pick_device, pick_dtype
 
-ADAPTER_CONFIG = "adapter_config.json"  # marks a LoRA adapter checkpoint (weights of its base not included)
 TRAIN_FIRST = "python train_pretrain.py (then python train_sft.py for a chat model)"
 HELP = "commands: /reset forgets the conversation, /help shows this, exit or quit (or Ctrl-D) ends the session"
 
@@ -72,39 +72,24 @@ def info(message: str):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def newest_checkpoint(root="checkpoint") -> Path | None:
-    """The most recently written full checkpoint or LoRA adapter directory under root."""
-    found = [d for d in [latest_checkpoint(root)] if d is not None]
-    if Path(root).is_dir():
-        found += [d for d in Path(root).iterdir() if (d / ADAPTER_CONFIG).exists() and not d.name.endswith(".tmp")]
-    marker = lambda d: d / WEIGHTS if (d / WEIGHTS).exists() else d / ADAPTER_CONFIG  # noqa: E731
-    return max(found, key=lambda d: marker(d).stat().st_mtime) if found else None
-
-
 def load_checkpoint(directory, device) -> tuple[GPT, Tokenizer, str | None]:
     """(model, tokenizer, the stage that trained it) of a checkpoint or a LoRA adapter directory."""
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such checkpoint directory; make one first: {TRAIN_FIRST}")
     try:
-        if (directory / ADAPTER_CONFIG).exists():
-            try:
-                import lora  # the LoRA stage's module, only needed for adapters
-            except ImportError:
-                raise RuntimeError(f"{directory} is a LoRA adapter, but this version has no lora.py to load "
-                                   f"it onto its base model") from None
+        if lora.is_adapter_dir(directory):
             model, tokenizer = lora.load_lora_checkpoint(directory, device=device)
         else:
             model, tokenizer = GPT.from_pretrained(directory, device=device), Tokenizer.from_pretrained(directory)
-        run = directory / "run.json"
-        stage = json.loads(run.read_text()).get("stage") if run.exists() else None
+        stage = load_run_info(directory).get("stage")
     except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"broken checkpoint: {e}; re-run the training stage that wrote it "
                          f"(e.g. python train_pretrain.py)") from None
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                          f"{model.config.vocab_size}")
-    if stage is None and (directory / ADAPTER_CONFIG).exists():
+    if stage is None and lora.is_adapter_dir(directory):
         stage = "lora"
     return model, tokenizer, stage
 
@@ -191,7 +176,7 @@ class Demo:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         if cfg.checkpoint is None:
-            found = newest_checkpoint("checkpoint")
+            found = latest_checkpoint("checkpoint")
             if found is None:
                 raise FileNotFoundError(f"no checkpoint under checkpoint/; train one first: {TRAIN_FIRST}")
             info(f"checkpoint: {found} (the newest under checkpoint/; --checkpoint DIR picks another)")

@@ -10,6 +10,7 @@ import torch
 
 import checkpoint
 import demo
+import lora
 from configs import ModelConfig
 from model import GPT
 from tests.conftest import TINY_MODEL
@@ -139,11 +140,13 @@ def test_sessions_started_in_the_same_second_get_their_own_directories(tmp_path,
 def test_the_newest_checkpoint_is_picked(tmp_path, tokenizer):
     for i, stage in enumerate(("sft", "pretrain")):
         make_checkpoint(tmp_path / stage, tokenizer, stage)
-        os.utime(tmp_path / stage / checkpoint.WEIGHTS, (1000 + i, 1000 + i))
-    assert demo.newest_checkpoint(tmp_path) == tmp_path / "pretrain"
-    (tmp_path / "lora").mkdir()
-    (tmp_path / "lora" / demo.ADAPTER_CONFIG).write_text("{}")
-    assert demo.newest_checkpoint(tmp_path) == tmp_path / "lora"
+        os.utime(tmp_path / stage / "config.json", (1000 + i, 1000 + i))
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "pretrain"
+    # An adapter-only checkpoint (no model.safetensors, as lora.save_lora_checkpoint writes it) counts too.
+    adapter = make_checkpoint(tmp_path / "lora", tokenizer, "lora")
+    (adapter / checkpoint.WEIGHTS).unlink()
+    (adapter / lora.ADAPTER_CONFIG).write_text("{}")
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "lora"
 
 
 def test_missing_broken_or_unloadable_checkpoints_are_one_line_errors(tmp_path, tokenizer, monkeypatch):
@@ -155,10 +158,5 @@ def test_missing_broken_or_unloadable_checkpoints_are_one_line_errors(tmp_path, 
     (ckpt / checkpoint.WEIGHTS).write_bytes(b"not safetensors")
     with pytest.raises(SystemExit, match=r"^error: broken checkpoint: .*model.safetensors: cannot read weights"):
         demo.main([])
-    (tmp_path / "adapter").mkdir()
-    (tmp_path / "adapter" / demo.ADAPTER_CONFIG).write_text("{}")
-    monkeypatch.setitem(sys.modules, "lora", None)  # as if lora.py did not exist
-    with pytest.raises(SystemExit, match="is a LoRA adapter, but this version has no lora.py"):
-        demo.main(["--checkpoint", "adapter"])
     with pytest.raises(SystemExit, match=r"^error: --top_p must be in \(0, 1\], got 1.5$"):
         demo.main(["--top_p", "1.5"])
