@@ -178,14 +178,7 @@ def load_chats(source: str, skip_bad_rows: bool = False, hf_data_files: str = ""
     A malformed row raises a DataError naming its file and line (its row number for hf:), or with
     skip_bad_rows is skipped and counted: never dropped silently.
     """
-    skipped = 0
-
-    def reject(error: DataError):
-        nonlocal skipped
-        if not skip_bad_rows:
-            raise error
-        skipped += 1
-
+    reject = BadRows(skip_bad_rows)
     if source.startswith("hf:"):
         from datasets import load_dataset  # imported here: slow to import and only needed for this source
 
@@ -200,7 +193,19 @@ def load_chats(source: str, skip_bad_rows: bool = False, hf_data_files: str = ""
             chats.append(to_messages(record, where))
         except DataError as e:
             reject(e)
-    return chats, skipped
+    return chats, reject.count
+
+
+class BadRows:
+    """What to do with a malformed row: raise its DataError, or with skip (--skip_bad_rows) count it and go on."""
+
+    def __init__(self, skip: bool):
+        self.skip, self.count = skip, 0
+
+    def __call__(self, error: DataError) -> None:
+        if not self.skip:
+            raise error
+        self.count += 1
 
 
 def shift_chat(ids: list[int], mask: list[int], max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -213,6 +218,20 @@ def shift_chat(ids: list[int], mask: list[int], max_len: int) -> tuple[np.ndarra
     """
     ids, mask = np.array(ids[:max_len + 1], dtype=np.int64), np.array(mask[:max_len + 1], dtype=np.int64)
     return ids[:-1], ids[1:], mask[1:]
+
+
+def pad_right(rows, width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids, labels, loss_mask (len(rows), width) from shift_chat's triples, padded on the right.
+
+    Padding comes after the real tokens, so causal attention never lets a real token see it; its loss_mask is 0.
+    """
+    batch = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+             "labels": torch.full((len(rows), width), pad_id, dtype=torch.long),
+             "loss_mask": torch.zeros((len(rows), width), dtype=torch.long)}
+    for row, example in enumerate(rows):
+        for name, values in zip(batch, example):
+            batch[name][row, :len(values)] = torch.from_numpy(values)
+    return batch
 
 
 class RowSampler:
@@ -284,17 +303,9 @@ class SFTDataset:
         """One chat per row, right-padded: input_ids, labels, loss_mask (B, T).
 
         T is the longest chat rounded up to a multiple of 64 (few distinct shapes for torch.compile).
-        Padding comes after the real tokens, so causal attention never sees it; its loss_mask is 0.
         """
         longest = max(len(self.examples[i][0]) for i in indices)
-        T = min(self.seq_len, 64 * -(-longest // 64))
-        batch = {"input_ids": torch.full((len(indices), T), self.pad_id, dtype=torch.long),
-                 "labels": torch.full((len(indices), T), self.pad_id, dtype=torch.long),
-                 "loss_mask": torch.zeros((len(indices), T), dtype=torch.long)}
-        for row, i in enumerate(indices):
-            for name, values in zip(batch, self.examples[i]):
-                batch[name][row, :len(values)] = torch.from_numpy(values)
-        return batch
+        return pad_right([self.examples[i] for i in indices], min(self.seq_len, 64 * -(-longest // 64)), self.pad_id)
 
     def packed_batch(self, sampler: RowSampler, batch_size: int) -> dict[str, torch.Tensor]:
         """batch_size rows of seq_len tokens, each filled with whole chats in sampler order.
@@ -430,20 +441,20 @@ class PreferenceDataset:
     def __init__(self, path, tokenizer, max_tokens: int, skip_bad_rows: bool = False):
         self.pad_id = tokenizer.pad_id
         self.pairs: list[tuple] = []
-        self.n_skipped = self.n_truncated = 0
-        for where, record in read_jsonl(path):
+        self.n_truncated = 0
+        reject = BadRows(skip_bad_rows)
+        for where, record in read_jsonl(path, on_error=reject):
             try:
                 chosen, rejected, truncated = encode_preference(tokenizer, *to_preference(record, where),
                                                                 max_tokens + 1)  # +1: inputs and labels overlap
                 if sum(chosen[1][1:]) == 0 or sum(rejected[1][1:]) == 0:
                     raise DataError(f"{where}: no reply token fits in {max_tokens} tokens; raise --seq_len")
-            except DataError:
-                if not skip_bad_rows:
-                    raise
-                self.n_skipped += 1
+            except DataError as e:
+                reject(e)
                 continue
             self.pairs.append((chosen, rejected))
             self.n_truncated += truncated
+        self.n_skipped = reject.count
         if not self.pairs:
             raise ValueError(f"{path}: no preference pairs")
         self.reference_logps: torch.Tensor | None = None
@@ -460,17 +471,9 @@ class PreferenceDataset:
 
         Right padding needs no attention mask in a causal model: no real token attends to a later one.
         """
-        rows = [self.pairs[i][0] for i in indices] + [self.pairs[i][1] for i in indices]
-        width = max(len(ids) for ids, _ in rows) - 1
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for row, (ids, mask) in enumerate(rows):
-            n = len(ids) - 1
-            input_ids[row, :n] = torch.tensor(ids[:-1])
-            labels[row, :n] = torch.tensor(ids[1:])
-            loss_mask[row, :n] = torch.tensor(mask[1:])
-        batch = {"input_ids": input_ids, "labels": labels, "loss_mask": loss_mask}
+        rows = [shift_chat(ids, mask, len(ids)) for ids, mask in
+                [self.pairs[i][0] for i in indices] + [self.pairs[i][1] for i in indices]]
+        batch = pad_right(rows, max(len(ids) for ids, _, _ in rows), self.pad_id)
         if self.reference_logps is not None:
             batch["reference_logps"] = self.reference_logps[torch.as_tensor(indices)].T.reshape(-1)
         return batch

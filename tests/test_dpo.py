@@ -147,6 +147,13 @@ def test_bad_rows_stop_or_are_skipped_and_counted(tmp_path, tokenizer):
         PreferenceDataset(path, tokenizer, 64)
     data = PreferenceDataset(path, tokenizer, 64, skip_bad_rows=True)
     assert (len(data), data.n_skipped) == (2, 1)
+    # A line that is not JSON at all stops the same way, or is skipped and counted the same way.
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps(good) + "\n{not json\n" + json.dumps(good) + "\n")
+    with pytest.raises(DataError, match=r"q.jsonl:2: not valid JSON"):
+        PreferenceDataset(path, tokenizer, 64)
+    data = PreferenceDataset(path, tokenizer, 64, skip_bad_rows=True)
+    assert (len(data), data.n_skipped) == (2, 1)
 
 
 def test_masks_cover_only_the_reply_and_truncation_cuts_the_prompt_first(tokenizer):
