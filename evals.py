@@ -26,27 +26,14 @@ def greedy_replies(model, tokenizer, prompts: list[list[dict]], max_new_tokens: 
     """
     device = next(model.parameters()).device
     stop_ids = [tokenizer.im_end_id, tokenizer.eot_id]
-    stops = torch.tensor(stop_ids, device=device)
     replies = []
     for start in range(0, len(prompts), batch_size):
         ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True) for p in prompts[start:start + batch_size]]
         T = max(len(x) for x in ids)
-        steps = min(max_new_tokens, model.config.max_seq_len - T)
         idx = torch.tensor([[tokenizer.pad_id] * (T - len(x)) + x for x in ids], device=device)
         mask = torch.tensor([[0] * (T - len(x)) + [1] * len(x) for x in ids], device=device)
-        cache = model.new_kv_cache(len(ids), T + steps)
-        out = torch.empty(len(ids), 0, dtype=torch.long, device=device)
-        done = torch.zeros(len(ids), dtype=torch.bool, device=device)
-        step_input = idx
-        for _ in range(steps):
-            token = model(step_input, attention_mask=mask, cache=cache)[:, -1].argmax(-1)
-            token = torch.where(done, stops[0], token)
-            out = torch.cat([out, token[:, None]], dim=1)
-            done |= torch.isin(token, stops)
-            if done.all():
-                break
-            step_input = token[:, None]
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        steps = min(max_new_tokens, model.config.max_seq_len - T)  # no sliding window: padding would slide too
+        out = model.generate(idx, steps, temperature=0, eos_id=stop_ids, attention_mask=mask)[:, T:]
         for row in out.tolist():
             cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
             replies.append(tokenizer.decode(row[:cut]))

@@ -147,7 +147,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
-                        eos_id: int | list[int] | None = None, generator: torch.Generator | None = None):
+                        eos_id: int | list[int] | None = None, generator: torch.Generator | None = None,
+                        attention_mask: torch.Tensor | None = None):
         """Yield the next tokens (B, 1) one step at a time, with a KV cache.
 
         The prompt idx (B, T) is processed once (prefill); each later step feeds only the newest token.
@@ -155,18 +156,21 @@ class GPT(nn.Module):
         the context fills up it slides (each step re-reads the last max_seq_len tokens), as nanoGPT's crop does.
         Stops after max_new_tokens or when every row has produced an eos_id (rows that finished early keep
         receiving eos). The repetition penalty looks at the whole prompt and everything generated.
+        attention_mask (B, T) marks the real prompt tokens (0 = padding, for left-padded batches of prompts).
         """
         eos = torch.tensor([eos_id] if isinstance(eos_id, int) else (eos_id or []), dtype=torch.long,
                            device=idx.device)
         window = self.config.max_seq_len
         cache = self.new_kv_cache(idx.shape[0])
         finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
-        seq, step_input = idx, idx[:, -window:]
+        seq, step_input, seq_mask = idx, idx[:, -window:], attention_mask
         for _ in range(max_new_tokens):
             if cache.pos + step_input.shape[1] > window:
                 cache.pos = 0  # the context is full: refill the same buffers with the newest tokens
                 step_input = seq[:, -window:]
-            logits = self(step_input, cache=cache)[:, -1, :].float()
+            # The cache and the step input together are the last cache.pos + len(step_input) tokens of seq.
+            mask = None if seq_mask is None else seq_mask[:, -(cache.pos + step_input.shape[1]):]
+            logits = self(step_input, attention_mask=mask, cache=cache)[:, -1, :].float()
             logits = apply_repetition_penalty(logits, seq, repetition_penalty)
             token = sample_next(logits, temperature, top_k, top_p, generator)
             if len(eos):
@@ -176,13 +180,15 @@ class GPT(nn.Module):
             if finished.all():
                 return
             seq, step_input = torch.cat([seq, token], dim=1), token
+            if seq_mask is not None:
+                seq_mask = torch.cat([seq_mask, torch.ones_like(token)], dim=1)
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0, eos_id: int | list[int] | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """idx (B, T) with up to max_new_tokens sampled tokens appended (temperature 0 = greedy)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                        eos_id, generator))
+                                        eos_id, generator, attention_mask))
         return torch.cat([idx, *new], dim=1)
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:

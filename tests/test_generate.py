@@ -92,3 +92,18 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
     logits = torch.tensor([[2.0, -2.0, 1.0, 0.5]])
     got = apply_repetition_penalty(logits, torch.tensor([[0, 1, 1]]), 2.0)
     assert got.tolist() == [[1.0, -4.0, 1.0, 0.5]]
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**SMALL)).eval()
+    with torch.no_grad():  # large weights, so that what a token attends to (padding or not) shows in the output
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    short, long = torch.randint(1, 300, (1, 4)), torch.randint(1, 300, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1), long])
+    mask = torch.tensor([[0] * 5 + [1] * 4, [1] * 9])
+    got = model.generate(batch, 12, temperature=0, attention_mask=mask)[:, 9:]
+    assert torch.equal(got[0], model.generate(short, 12, temperature=0)[0, 4:])
+    assert torch.equal(got[1], model.generate(long, 12, temperature=0)[0, 9:])
