@@ -94,13 +94,17 @@ ATTENTION_IMPLS = {"manual": manual_attention, "sdpa": sdpa_attention}
 
 # ----------------------------------------------------------------------------- KV cache
 class KVCache:
-    """Preallocated keys and values of every layer, for generation one token at a time."""
+    """Preallocated keys and values of every layer, for generation one token at a time.
+
+    One buffer per layer rather than one for all: under torch.compile, writing into a slice of a layer's own
+    buffer stays in place, while a slice of a shared buffer would copy the whole cache at every layer.
+    """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
                  device, dtype):
-        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_len = max_len
         self.pos = 0  # number of positions already stored (the model advances it after each forward)
 
@@ -109,9 +113,9 @@ class KVCache:
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        self.k[layer][:, :, self.pos:end] = k
+        self.v[layer][:, :, self.pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 # ----------------------------------------------------------------------------- the module

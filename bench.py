@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from configs import ModelConfig, get_config, option, parse_args
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
-from trainers import pick_device, pick_dtype
+from trainers import pick_compile, pick_device, pick_dtype
 
 PARTS = ("pretrain", "sft", "dpo", "dpo_pre", "generate")
 
@@ -57,8 +57,8 @@ class BenchConfig:
     seq_len: int = option("tokens per row", default=256)
     device: str = option("'auto' (cuda, then mps, then cpu), or cpu, cuda, mps", default="auto")
     dtype: str = option("'auto' (bf16 autocast on GPUs, float32 on CPU), float32, bfloat16, float16", default="auto")
-    compile: str = option("torch.compile our model for training: auto (CUDA on Linux), true or false",
-                          default="auto")
+    compile: str = option("torch.compile our model's training step and decode step: auto (CUDA on Linux), "
+                          "true or false", default="auto")
     grad_checkpoint: bool = option("activation checkpointing in both models (ours and HF's)", default=False)
     parts: str = option(f"comma-separated, of: {', '.join(PARTS)}", default=",".join(PARTS))
     hf: bool = option("also measure HF transformers' LlamaForCausalLM (if installed)", default=True)
@@ -94,11 +94,11 @@ def train_flops_per_token(c: ModelConfig, seq_len: int) -> int:
     return 6 * matmul_params(c) + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
 
-def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """The device's practical peak: a large square matmul, median of reps."""
+def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
+    """The device's practical peak: the fastest of reps large square matmuls (a peak, so not the median)."""
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     times = [timed(lambda: a @ b, device) for _ in range(reps + 1)][1:]
-    return 2 * n ** 3 / statistics.median(times) / 1e12
+    return 2 * n ** 3 / min(times) / 1e12
 
 
 def device_peak(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
@@ -192,8 +192,7 @@ class Runner:
 
 def compiled_or_eager(model, cfg: BenchConfig, device):
     """torch.compile where asked (auto: CUDA on Linux); if the first call fails, say so and stay eager."""
-    if not (cfg.compile == "true" or (cfg.compile == "auto" and device.type == "cuda"
-                                      and platform.system() == "Linux")):
+    if not pick_compile(cfg.compile, device):
         return model
     compiled = torch.compile(model)
     state = {"fn": None}
@@ -295,21 +294,17 @@ def weight_matrices(model: GPT, fused: bool) -> list[torch.Tensor]:
     return mats + [model.lm_head.weight]
 
 
-@torch.no_grad()
-def matvec_floor(model: GPT, batch: int, device, reps: int) -> dict[str, float]:
-    """Tokens/s if decoding did nothing but the weight matmuls of one token (memory-bound at batch 1)."""
-    out = {}
-    for fused in (False, True):
-        mats = [w.detach().clone() for w in weight_matrices(model, fused)]
-        x = {w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=w.dtype) for w in mats}
+def matvec_pass(model: GPT, batch: int, device, fused: bool):
+    """A function doing one decoded token's bare weight matrix-vector products: the floor of decoding (at
+    batch 1 it only streams the weights from memory), on copies of the weights."""
+    mats = [w.detach().clone() for w in weight_matrices(model, fused)]
+    x = {w.shape[1]: torch.randn(batch, w.shape[1], device=device, dtype=w.dtype) for w in mats}
 
-        def run(mats=mats, x=x):
-            for w in mats:
-                F.linear(x[w.shape[1]], w)
+    def run():
+        for w in mats:
+            F.linear(x[w.shape[1]], w)
 
-        t = statistics.median([timed(run, device) for _ in range(reps + 2)][2:])
-        out["floor_fused_tok_s" if fused else "floor_tok_s"] = batch / t
-    return out
+    return run
 
 
 @torch.no_grad()
@@ -320,6 +315,10 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
     for r in runners.values():
         r.model.eval().to(dtype)  # inference runs in the benchmark dtype itself
         r.optimizer = r.reference = None
+    if pick_compile(cfg.compile, device):
+        failure = runners["ours"].model.compile_decoding()
+        print(f"torch.compile of the decode step failed ({failure}); ours decodes eagerly" if failure else
+              "ours decodes with a compiled step (GPT.compile_decoding)")
     if "hf" in runners:
         gc = runners["hf"].model.generation_config
         gc.eos_token_id, gc.pad_token_id = None, 0
@@ -336,14 +335,21 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
         return lambda: r.model.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                                         do_sample=False)
 
+    def floor(fused):
+        run = matvec_pass(runners["ours"].model, cfg.gen_batch_size, device, fused)
+        return lambda: [run() for _ in range(n - 1)]
+
     t_prefill = interleaved({k: prefill(r) for k, r in runners.items()}, cfg.warmup, cfg.steps, device)
-    t_gen = interleaved({k: generate(r) for k, r in runners.items()}, 1, max(3, cfg.steps // 2), device)
+    # The floor runs in the same rounds as generation, so that machine noise hits all of them alike.
+    t_gen = interleaved({**{k: generate(r) for k, r in runners.items()},
+                         "floor_tok_s": floor(False), "floor_fused_tok_s": floor(True)}, 1, max(3, cfg.steps // 2),
+                        device)
     results = {}
     for k in runners:
         # generate = one prefill (which yields the first token) + n - 1 single-token steps
         results[k] = {"prefill_tok_s": prompt.numel() / t_prefill[k],
                       "decode_tok_s": cfg.gen_batch_size * (n - 1) / max(t_gen[k] - t_prefill[k], 1e-9)}
-    results["floor"] = matvec_floor(runners["ours"].model, cfg.gen_batch_size, device, reps=max(10, cfg.steps))
+    results["floor"] = {k: cfg.gen_batch_size * (n - 1) / t_gen[k] for k in ("floor_tok_s", "floor_fused_tok_s")}
     return results
 
 

@@ -86,6 +86,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpoint = False  # recompute each block in backward (set by the trainer)
+        self.decode_step = None  # a compiled forward for generation's one-token steps (compile_decoding)
         self.apply(self._init_weights)
         # Scale the residual projections by 1/sqrt(2 * n_layers) so the residual stream does not grow
         # with depth (GPT-2 paper, section 2.3).
@@ -170,7 +171,8 @@ class GPT(nn.Module):
                 step_input = seq[:, -window:]
             # The cache and the step input together are the last cache.pos + len(step_input) tokens of seq.
             mask = None if seq_mask is None else seq_mask[:, -(cache.pos + step_input.shape[1]):]
-            logits = self(step_input, attention_mask=mask, cache=cache)[:, -1, :].float()
+            forward = self.decode_step if self.decode_step and step_input.shape[1] == 1 else self
+            logits = forward(step_input, attention_mask=mask, cache=cache)[:, -1, :].float()
             logits = apply_repetition_penalty(logits, seq, repetition_penalty)
             token = sample_next(logits, temperature, top_k, top_p, generator)
             if len(eos):
@@ -190,6 +192,23 @@ class GPT(nn.Module):
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                                         eos_id, generator, attention_mask))
         return torch.cat([idx, *new], dim=1)
+
+    def compile_decoding(self) -> str | None:
+        """Run generation's one-token steps through torch.compile; None on success, else why it failed.
+
+        At batch 1, decoding streams every weight once per token, and in eager mode the ~300 small
+        operations around those matrix-vector products cost almost as much again in Python and dispatch
+        overhead. Compiled (dynamic in the cache length, so it compiles once), the norms, RoPE and the cache
+        writes fuse into a few kernels. Compiling happens here, on a short dummy sequence: tens of seconds
+        on a CPU. Prompts (prefill) stay eager: they are large matrix products already.
+        """
+        self.decode_step = torch.compile(self.forward, dynamic=True)
+        try:  # one step at position 2 (sizes 0 and 1 would be specialised)
+            self.generate(torch.zeros(1, 2, dtype=torch.long, device=self.embed.weight.device), 2, temperature=0)
+        except Exception as e:  # no C++ compiler, Windows, MPS, an old torch: decoding stays eager
+            self.decode_step = None
+            return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        return None
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         c = self.config

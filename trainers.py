@@ -68,6 +68,13 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def pick_compile(setting: str, device: torch.device) -> bool:
+    """'auto' compiles on CUDA under Linux, where torch.compile is mature; 'true' and 'false' force it."""
+    if setting not in ("auto", "true", "false"):
+        raise ValueError(f"--compile must be auto, true or false, got {setting!r}")
+    return setting == "true" or (setting == "auto" and device.type == "cuda" and platform.system() == "Linux")
+
+
 def prepare_default_data(data_dir: str) -> None:
     """Generate the embedded default data set on first use (other data directories come from prepare.py)."""
     if data_dir == "data/storyworld":
@@ -122,8 +129,7 @@ class Trainer:
     def _wrap(self, model, compile_it: bool | None = None):
         """torch.compile (where it works) and DDP around the model the loop trains."""
         if compile_it is None:
-            compile_it = self.cfg.compile == "true" or (
-                self.cfg.compile == "auto" and self.device.type == "cuda" and platform.system() == "Linux")
+            compile_it = pick_compile(self.cfg.compile, self.device)
         self.compiled = compile_it
         if compile_it:
             model = torch.compile(model)
@@ -582,7 +588,7 @@ class DPOTrainer(LoRAMixin, Trainer):
         """The policy: the checkpoint to align (or out_dir's when resuming). The reference is always the
         starting checkpoint, which run.json records so that --resume rebuilds the same reference."""
         if self.cfg.lora:
-            start = None if self.cfg.resume else self.cfg.init_from or self._latest_sft()
+            start = None if self.cfg.resume else str(find_init_dir(self.cfg.init_from, ("sft",)))
             if start and lora.is_adapter_dir(start):
                 raise ValueError(f"{start} holds LoRA adapters, and --lora needs a full checkpoint as its base: "
                                  f"fold them in first (python train_lora.py --out_dir {start} --export_merged DIR) "
@@ -594,7 +600,7 @@ class DPOTrainer(LoRAMixin, Trainer):
             model, tokenizer = self.load_pretrained(self.out_dir)
             self.reference = self.load_start(self.init_source)[0].requires_grad_(False)
         else:
-            self.init_source = self.cfg.init_from or self._latest_sft()
+            self.init_source = str(find_init_dir(self.cfg.init_from, ("sft",)))
             model, tokenizer = self.load_start(self.init_source)
             # Precomputing reads the untrained policy itself; otherwise training needs a copy that stays put.
             self.reference = model if self.cfg.precompute_ref else copy.deepcopy(model).requires_grad_(False)
@@ -613,14 +619,6 @@ class DPOTrainer(LoRAMixin, Trainer):
         base = lora.read_adapter_config(directory)["base_checkpoint"]
         self.log(f"{directory}: LoRA adapters, folded into their base {base}")
         return model, tokenizer
-
-    @staticmethod
-    def _latest_sft() -> str:
-        found = latest_checkpoint("checkpoint", ("sft",))
-        if found is None:
-            raise FileNotFoundError("checkpoint/sft: no SFT checkpoint; run `python train_sft.py` first "
-                                    "(or pass --init_from <checkpoint dir>)")
-        return str(found)
 
     def build_data(self):
         """The pairs, and the reference on the device (precomputing its log-probabilities if asked)."""

@@ -42,7 +42,7 @@ def test_matvec_floor_and_fused_weights_cover_every_matmul():
     for fused in (False, True):
         mats = bench.weight_matrices(model, fused)
         assert sum(w.numel() for w in mats) == bench.matmul_params(model.config) + 32 * (320 - 300)
-    assert bench.matvec_floor(model, 1, torch.device("cpu"), reps=1)["floor_tok_s"] > 0
+        bench.matvec_pass(model, 2, torch.device("cpu"), fused)()  # every input matches its matrix
 
 
 def test_cli_writes_json(tmp_path):

@@ -285,8 +285,8 @@ def test_train_dpo_without_an_sft_checkpoint_says_to_run_sft_first(tmp_path):
     result = subprocess.run([sys.executable, str(__import__("pathlib").Path("train_dpo.py").resolve()),
                              "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == ("error: checkpoint/sft: no SFT checkpoint; run `python "
-                                                      "train_sft.py` first (or pass --init_from <checkpoint dir>)")
+    assert result.stderr.strip().splitlines()[-1] == ("error: no sft checkpoint under checkpoint/: run `python "
+                                                      "train_sft.py` first, or pass --init_from DIR")
 
 
 # ----------------------------------------------------------------------------- --lora and the answer accuracy

@@ -107,3 +107,42 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone():
     got = model.generate(batch, 12, temperature=0, attention_mask=mask)[:, 9:]
     assert torch.equal(got[0], model.generate(short, 12, temperature=0)[0, 4:])
     assert torch.equal(got[1], model.generate(long, 12, temperature=0)[0, 9:])
+
+
+def test_compiled_decoding_matches_eager_decoding():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**SMALL)).eval()
+    prompt = torch.randint(0, 300, (2, 9))
+    mask = torch.ones_like(prompt)
+    mask[1, :4] = 0  # a left-padded row
+    expected = [model.generate(prompt, max_new_tokens=12, temperature=0, attention_mask=m) for m in (None, mask)]
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        eager_logits = model(prompt[:, -1:], cache=cache)
+    assert model.compile_decoding() is None
+    compiled, calls = model.decode_step, []
+    model.decode_step = lambda *args, **kwargs: calls.append(1) or compiled(*args, **kwargs)
+    for m, want in zip((None, mask), expected):
+        assert torch.equal(model.generate(prompt, max_new_tokens=12, temperature=0, attention_mask=m), want)
+    assert len(calls) == 2 * 11  # every token after the first came from the compiled step
+    cache = model.new_kv_cache(2)
+    with torch.no_grad():
+        model(prompt, cache=cache)
+        torch.testing.assert_close(compiled(prompt[:, -1:], cache=cache), eager_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_failed_decode_compile_leaves_decoding_eager(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("InductorError: no working C++ compiler\nlong details")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**SMALL)).eval()
+    prompt = torch.randint(0, 300, (1, 5))
+    want = model.generate(prompt, max_new_tokens=6, temperature=0)
+    assert model.compile_decoding() == "RuntimeError: InductorError: no working C++ compiler"
+    assert model.decode_step is None
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=0), want)
