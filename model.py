@@ -199,10 +199,11 @@ class GPT(nn.Module):
         At batch 1, decoding streams every weight once per token, and in eager mode the ~300 small
         operations around those matrix-vector products cost almost as much again in Python and dispatch
         overhead. Compiled (dynamic in the cache length, so it compiles once), the norms, RoPE and the cache
-        writes fuse into a few kernels. Compiling happens here, on a short dummy sequence: tens of seconds
-        on a CPU. Prompts (prefill) stay eager: they are large matrix products already.
+        writes fuse into a few kernels, called from generated C++. Compiling happens here, on a short dummy
+        sequence: tens of seconds on a CPU. Prompts (prefill) stay eager: they are large matrix products already.
         """
-        self.decode_step = torch.compile(self.forward, dynamic=True)
+        # cpp_wrapper: the compiled step's calls are made from C++, not Python (~10% faster decoding on a CPU).
+        self.decode_step = torch.compile(self.forward, dynamic=True, options={"cpp_wrapper": True})
         try:  # one step at position 2 (sizes 0 and 1 would be specialised)
             self.generate(torch.zeros(1, 2, dtype=torch.long, device=self.embed.weight.device), 2, temperature=0)
         except Exception as e:  # no C++ compiler, Windows, MPS, an old torch: decoding stays eager
