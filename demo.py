@@ -62,8 +62,7 @@ class DemoConfig:
                   ("temperature", self.temperature >= 0, "must be >= 0"),
                   ("top_k", self.top_k is None or self.top_k >= 0, "must be >= 0"),
                   ("top_p", self.top_p is None or 0 < self.top_p <= 1, "must be in (0, 1]"),
-                  ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
-                  ("compile", self.compile in ("auto", "true", "false"), "must be auto, true or false")]
+                  ("repetition_penalty", self.repetition_penalty > 0, "must be > 0")]
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"--{name} {rule}, got {getattr(self, name)}")
@@ -178,6 +177,7 @@ class Demo:
         cfg.validate()
         self.cfg = cfg
         self.device = pick_device(cfg.device)
+        compile_decoding = pick_compile(cfg.compile, self.device)  # checks --compile before the checkpoint loads
         if cfg.checkpoint is None:
             found = latest_checkpoint("checkpoint")
             if found is None:
@@ -189,7 +189,7 @@ class Demo:
         self.checkpoint = found
         model, self.tokenizer, self.stage = load_checkpoint(found, self.device)
         self.model = model.to(self.device, pick_dtype(cfg.dtype, self.device)).eval()
-        if pick_compile(cfg.compile, self.device):
+        if compile_decoding:
             info("compiling the decode step (torch.compile; --compile false skips this) ...")
             failure = self.model.compile_decoding()
             if failure:
