@@ -16,7 +16,7 @@ HF's LlamaForCausalLM, built from our weights with `GPT.to_hf_llama`, runs at th
 process, interleaved step by step (who goes first alternates) so that machine noise hits both. Warm-up steps
 are not counted; the median of the timed steps is reported; CUDA timings synchronise. Peak memory is
 measured per implementation and part in a fresh child process (CUDA max allocated; on CPU the peak RSS
-above the process's RSS after imports). MFU = FLOPs per token (`train_flops_per_token`) x tokens/s over the
+above its peak after the imports). MFU = FLOPs per token (`train_flops_per_token`) x tokens/s over the
 device's peak: `--peak_tflops`, else the GPU table, else a large matmul measured here (CPU).
 """
 
@@ -26,16 +26,15 @@ import multiprocessing
 import platform
 import statistics
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
 from configs import ModelConfig, get_config, option, parse_args
+from devices import autocast, compile_or_eager, peak_rss_bytes, pick_compile, pick_device, pick_dtype
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
-from trainers import pick_compile, pick_device, pick_dtype
 
 PARTS = ("pretrain", "sft", "dpo", "dpo_pre", "generate")
 
@@ -149,14 +148,13 @@ class Runner:
     """One implementation (ours or HF) with its optimizer and, for DPO, a frozen reference copy."""
 
     def __init__(self, name: str, model: torch.nn.Module, cfg: BenchConfig, device, dtype):
-        self.name, self.model, self.device = name, model.to(device), device
-        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        self.name, self.model, self.device, self.dtype = name, model.to(device), device, dtype
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         self.forward = model
         self.reference = None
         if name == "ours":
             model.grad_checkpoint = cfg.grad_checkpoint
-            self.forward = compiled_or_eager(model, cfg, device)
+            self.forward = compile_or_eager(model, pick_compile(cfg.compile, device), "ours runs eager")
         elif cfg.grad_checkpoint:
             model.gradient_checkpointing_enable()
 
@@ -168,7 +166,7 @@ class Runner:
     def train_step(self, part: str, batch: dict) -> torch.Tensor:
         """One optimizer step of `part` on batch (input_ids, labels, loss_mask, ref_logps); its loss."""
         self.model.train()
-        with self.autocast:
+        with autocast(self.device, self.dtype):
             logits = self.logits(self.forward, batch["input_ids"])
             if part == "pretrain":
                 loss = lm_loss(logits, batch["labels"])
@@ -188,27 +186,6 @@ class Runner:
         if self.reference is None:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         return sequence_logps(self.logits(self.reference, batch["input_ids"]), batch["labels"], batch["loss_mask"])
-
-
-def compiled_or_eager(model, cfg: BenchConfig, device):
-    """torch.compile where asked (auto: CUDA on Linux); if the first call fails, say so and stay eager."""
-    if not pick_compile(cfg.compile, device):
-        return model
-    compiled = torch.compile(model)
-    state = {"fn": None}
-
-    def forward(ids):
-        if state["fn"] is None:
-            try:
-                out = compiled(ids)
-                state["fn"] = compiled
-                return out
-            except Exception as e:
-                print(f"torch.compile failed ({type(e).__name__}); ours runs eager")
-                state["fn"] = model
-        return state["fn"](ids)
-
-    return forward
 
 
 def make_batch(part: str, cfg: BenchConfig, device) -> dict:
@@ -243,18 +220,13 @@ def hf_available() -> bool:
 
 
 # ----------------------------------------------------------------------------- memory (child processes)
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
 def memory_probe(cfg_dict: dict, name: str, part: str) -> float:
     """Peak bytes of two training steps of one implementation and part, in this (fresh) process."""
     cfg = BenchConfig(**cfg_dict)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     hf_available()  # both implementations pay the same imports before the baseline
-    baseline = 0 if device.type == "cuda" else _rss_kb("VmRSS:") * 1024
+    baseline = 0 if device.type == "cuda" else peak_rss_bytes()
     runner = build_runners(cfg, device, dtype, (name,))[name]
     batch = make_batch(part, cfg, device)
     for _ in range(2):
@@ -262,14 +234,13 @@ def memory_probe(cfg_dict: dict, name: str, part: str) -> float:
     sync(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return _rss_kb("VmHWM:") * 1024 - baseline
+    return peak_rss_bytes() - baseline
 
 
 def peak_memory(cfg: BenchConfig, name: str, part: str) -> float | None:
     """Peak MiB of one implementation and part, measured in a fresh process (None where unmeasurable)."""
-    if pick_device(cfg.device).type not in ("cuda", "cpu") or not (torch.cuda.is_available()
-                                                                    or platform.system() == "Linux"):
-        return None  # CUDA has its allocator statistics; on CPU, RSS is read from Linux's /proc
+    if pick_device(cfg.device).type not in ("cuda", "cpu") or peak_rss_bytes() is None:
+        return None  # CUDA has its allocator statistics; on CPU, the peak RSS (not on Windows)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(memory_probe, (asdict(cfg), name, part)) / 2**20
 
@@ -315,10 +286,8 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
     for r in runners.values():
         r.model.eval().to(dtype)  # inference runs in the benchmark dtype itself
         r.optimizer = r.reference = None
-    if pick_compile(cfg.compile, device):
-        failure = runners["ours"].model.compile_decoding()
-        print(f"torch.compile of the decode step failed ({failure}); ours decodes eagerly" if failure else
-              "ours decodes with a compiled step (GPT.compile_decoding)")
+    if pick_compile(cfg.compile, device) and runners["ours"].model.compile_decoding():
+        print("ours decodes with a compiled step (GPT.compile_decoding)")
     if "hf" in runners:
         gc = runners["hf"].model.generation_config
         gc.eos_token_id, gc.pad_token_id = None, 0

@@ -8,11 +8,18 @@ import argparse
 import dataclasses
 import sys
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+DEFAULT_DATA_DIR = "data/storyworld"  # the embedded data set, generated on first use (prepare.data_path)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every block projection
 
 
 def option(text: str, **kwargs):
-    """A dataclass field with a help text for `--help`."""
+    """A dataclass field with a help text for `--help`.
+
+    A subclass that only changes the default writes `lr: float = 1e-4`: the help is found on the base class.
+    """
     return field(metadata={"help": text}, **kwargs)
 
 
@@ -107,21 +114,26 @@ class TrainConfig:
 
     preset: str = option(f"model preset: {', '.join(PRESETS)} (model fields below override it); "
                          "'auto' = tiny on CPU, minimind2-small on a GPU", default="auto")
-    data_dir: str = option("prepared data directory (from prepare.py)", default="data/storyworld")
+    data_dir: str = option("prepared data directory (from prepare.py)", default=DEFAULT_DATA_DIR)
     out_dir: str = option("where checkpoints and metrics go; '' = checkpoint/<stage>", default="")
-    init_from: str = option("checkpoint directory to start from; '' = the stage's default", default="")
+    init_from: str = option("checkpoint directory to start from; '' = the stage's default (SFT: the latest "
+                            "checkpoint/pretrain; LoRA: sft, else pretrain; DPO: sft)", default="")
     resume: bool = option("continue the run saved in out_dir (model, optimizer, RNG, data position)", default=False)
     device: str = option("'auto' (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps", default="auto")
     dtype: str = option("'auto' (bf16 on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU/MPS), "
                         "or float32, bfloat16, float16", default="auto")
     compile: str = option("torch.compile the model: auto (CUDA on Linux), true or false", default="auto")
     seed: int = option("random seed (model init and data order)", default=1337)
-    batch_size: int = option("sequences per micro-batch (per process)", default=16)
-    seq_len: int = option("tokens per sequence; 0 = the model's max_seq_len", default=256)
+    batch_size: int = option("rows per micro-batch (per process): token windows, chats, or preference pairs (DPO: "
+                             "a chosen and a rejected sequence each)", default=16)
+    seq_len: int = option("tokens per sequence, longer chats are truncated; 0 = the model's max_seq_len",
+                          default=256)
     grad_accum: int = option("micro-batches per optimizer step (global batch = batch_size * grad_accum * world)",
                              default=1)
     max_steps: int = option("optimizer steps to train (the default suits the tiny preset on a CPU; "
                             "use thousands on a GPU)", default=200)
+    epochs: float = option("instead of --max_steps, train for this many passes over the training data (chats, "
+                           "pairs, or pretraining tokens) and set max_steps to match; 0 = off", default=0.0)
     lr: float = option("peak learning rate", default=2e-3)
     min_lr: float = option("learning rate at the end of the cosine decay", default=1e-4)
     warmup_steps: int = option("linear warmup steps", default=20)
@@ -130,8 +142,9 @@ class TrainConfig:
     beta2: float = option("AdamW beta2", default=0.95)
     grad_clip: float = option("clip the global gradient norm to this; 0 = off", default=1.0)
     grad_checkpoint: bool = option("recompute activations in the backward pass to save memory", default=False)
-    eval_interval: int = option("evaluate on the validation split every N steps", default=50)
-    eval_iters: int = option("validation batches per evaluation", default=10)
+    eval_interval: int = option("evaluate on the validation split every N steps (and always before the first "
+                                "and after the last step)", default=50)
+    eval_iters: int = option("validation batches per evaluation (always the same ones)", default=10)
     log_interval: int = option("print/log training metrics every N steps", default=10)
     save_interval: int = option("save a checkpoint every N steps (and at the end)", default=100)
     wandb: bool = option("log to Weights & Biases (set WANDB_MODE=offline without a network)", default=False)
@@ -162,10 +175,19 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str | None =
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kwargs = dict(type=_flag_type(hints[f.name]), default=None, metavar=f.name.upper(),
-                      help=f"{f.metadata.get('help', '')} (default: {default})")
+                      help=f"{_help(cls, f.name)} (default: {default})")
         if hints[f.name] is bool:
             kwargs.update(nargs="?", const=True)  # `--flag` alone means true
         group.add_argument(f"--{f.name}", **kwargs)
+
+
+def _help(cls, name: str) -> str:
+    """The help text of field `name`: from the nearest class of cls's MRO that declares it with one."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and "help" in f.metadata:
+            return f.metadata["help"]
+    return ""
 
 
 def parse_args(cls, argv: list[str] | None = None, description: str = ""):
@@ -192,38 +214,55 @@ def parse_train_args(train_cls, argv: list[str] | None = None, description: str 
     return train_cls(**train_kwargs), model_overrides
 
 
+@contextmanager
+def exit_on_bad_input():
+    """Bad input (a missing file, a malformed row, a setting that cannot work) raises ValueError, OSError or
+    RuntimeError with a one-line message naming it: entry points print that as `error: ...` and exit with status 1,
+    instead of a traceback."""
+    try:
+        yield
+    except (ValueError, OSError, RuntimeError) as e:
+        sys.exit(f"error: {e}")
+
+
 @dataclass
-class SFTConfig(TrainConfig):
+class FineTuneOptions:
+    """Options of the stages that train on chats or preference pairs (SFT, LoRA, DPO); mixed into their configs."""
+
+    hf_data_files: str = option("hf: sources only, the file(s) of the dataset repository to read", default="")
+    hf_split: str = option("hf: sources only, the split to read", default="train")
+    skip_bad_rows: bool = option("skip and count malformed rows instead of stopping at the first", default=False)
+    eval_samples: int = option("held-out chats scored for answer accuracy (greedy generation); 0 = off",
+                               default=100)
+    max_new_tokens: int = option("longest generated answer in the accuracy evaluation", default=64)
+
+    def read_options(self) -> dict:
+        """How the data sets read a source (dataset.load_chats, SFTDataset, PreferenceDataset)."""
+        return {"skip_bad_rows": self.skip_bad_rows, "hf_data_files": self.hf_data_files, "hf_split": self.hf_split}
+
+
+@dataclass
+class SFTConfig(FineTuneOptions, TrainConfig):
     """Supervised fine-tuning on chats (train_sft.py). Defaults: about 5 minutes of training on a 2-core CPU."""
 
-    # New defaults for inherited fields: chats are short, fine-tuning needs fewer steps and a lower rate.
-    batch_size: int = option("chats per micro-batch (per process)", default=16)
-    seq_len: int = option("longest chat in tokens (longer ones are truncated); 0 = the model's max_seq_len",
-                          default=0)
-    max_steps: int = option("optimizer steps to train", default=300)
-    lr: float = option("peak learning rate", default=2e-3)
-    min_lr: float = option("learning rate at the end of the cosine decay", default=2e-4)
-    warmup_steps: int = option("linear warmup steps", default=15)
-    eval_interval: int = option("evaluate every N steps (and always before the first and after the last step)",
-                                default=1000)
-    eval_iters: int = option("validation batches per evaluation (masked val loss)", default=4)
-    save_interval: int = option("save a checkpoint every N steps (and at the end)", default=100)
+    # Chats are short, and fine-tuning needs fewer steps.
+    seq_len: int = 0
+    max_steps: int = 300
+    min_lr: float = 2e-4
+    warmup_steps: int = 15
+    eval_interval: int = 1000
+    eval_iters: int = 4
     # Stage options.
     sft_data: str = option("training chats: a .jsonl file (any chat format of dataset.to_messages) or "
                            "hf:<dataset> (e.g. hf:jingyaogong/minimind_dataset with --hf_data_files "
                            "sft_mini_512.jsonl); '' = <data_dir>/sft_train.jsonl", default="")
     sft_val_data: str = option("validation chats, same forms; '' = <data_dir>/sft_val.jsonl; 'none' = no "
                                "validation", default="")
-    hf_data_files: str = option("hf: only, the file(s) of the dataset repository to read", default="")
-    hf_split: str = option("hf: only, the split to read", default="train")
     pack: bool = option("pack several chats into each row (attention stays inside each chat) instead of padding",
                         default=False)
     drop_long: bool = option("drop chats longer than seq_len instead of truncating them", default=False)
-    skip_bad_rows: bool = option("skip and count malformed rows instead of stopping at the first", default=False)
     show_mask: bool = option("print one tokenised training chat with the trained tokens marked, and exit",
                              default=False)
-    eval_samples: int = option("held-out chats for answer accuracy (greedy generation); 0 = off", default=100)
-    max_new_tokens: int = option("longest generated answer in the accuracy evaluation", default=64)
 
 
 @dataclass
@@ -235,40 +274,35 @@ class LoRAOptions:
     lora_dropout: float = option("dropout on the adapters' input", default=0.05)
     use_rslora: bool = option("rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r", default=False)
     lora_targets: str = option("comma-separated names of the linear layers to adapt (a name matches a module "
-                               "whose name is it or ends in .<name>)",
-                               default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+                               "whose name is it or ends in .<name>)", default=",".join(LORA_TARGETS))
 
 
 @dataclass
 class LoRAConfig(LoRAOptions, SFTConfig):
     """LoRA fine-tuning (train_lora.py): SFT that trains only low-rank adapters on frozen weights."""
 
-    lr: float = option("peak learning rate (adapters take a higher rate than full fine-tuning)", default=2e-3)
-    min_lr: float = option("learning rate at the end of the cosine decay", default=2e-4)
-    weight_decay: float = option("AdamW weight decay on the adapter matrices", default=0.0)
+    weight_decay: float = 0.0
     export_merged: str = option("instead of training, fold the adapters saved in out_dir into their base "
                                 "weights and save a full checkpoint to this directory", default="")
 
 
 @dataclass
-class DPOConfig(LoRAOptions, TrainConfig):
+class DPOConfig(LoRAOptions, FineTuneOptions, TrainConfig):
     """Direct preference optimisation (train_dpo.py): TrainConfig's options with DPO's defaults, plus its own
     (and the lora_* options, used with --lora)."""
 
-    init_from: str = option("checkpoint to align; '' = the latest checkpoint/sft", default="")
-    batch_size: int = option("preference pairs per micro-batch (each is a chosen and a rejected sequence)", default=8)
-    max_steps: int = option("optimizer steps to train", default=60)
-    lr: float = option("peak learning rate", default=1e-4)
-    min_lr: float = option("learning rate at the end of the cosine decay", default=1e-5)
-    warmup_steps: int = option("linear warmup steps", default=10)
-    weight_decay: float = option("AdamW weight decay (matrices only)", default=0.0)
-    eval_interval: int = option("evaluate on the validation pairs every N steps", default=30)
-    eval_iters: int = option("validation batches per evaluation (always the same pairs)", default=10)
-    log_interval: int = option("log training metrics every N steps", default=1)
-    save_interval: int = option("save a checkpoint every N steps (and at the end)", default=30)
-    train_file: str = option("preference pairs (JSONL); '' = <data_dir>/dpo_train.jsonl", default="")
-    val_file: str = option("validation pairs (JSONL); '' = <data_dir>/dpo_val.jsonl", default="")
-    skip_bad_rows: bool = option("skip and count malformed rows instead of stopping at the first", default=False)
+    batch_size: int = 8
+    max_steps: int = 60
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_interval: int = 30
+    log_interval: int = 1
+    save_interval: int = 30
+    train_file: str = option("preference pairs: a .jsonl file or hf:<dataset>; '' = <data_dir>/dpo_train.jsonl",
+                             default="")
+    val_file: str = option("validation pairs, same forms; '' = <data_dir>/dpo_val.jsonl", default="")
     beta: float = option("DPO beta: strength of the pull towards the reference model", default=0.1)
     loss_type: str = option("sigmoid (DPO), ipo or hinge", default="sigmoid")
     label_smoothing: float = option("conservative DPO: assumed probability that a preference is flipped (sigmoid)",
@@ -280,6 +314,3 @@ class DPOConfig(LoRAOptions, TrainConfig):
                         "higher --lr than full fine-tuning", default=False)
     eval_chats: str = option("held-out chats for the answer accuracy before, during and after DPO; '' = "
                              "<data_dir>/sft_val.jsonl", default="")
-    eval_samples: int = option("chats of eval_chats for the answer accuracy (greedy generation); 0 = off",
-                               default=100)
-    max_new_tokens: int = option("longest generated answer in the accuracy evaluation", default=64)

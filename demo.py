@@ -25,9 +25,9 @@ import torch
 import lora
 from checkpoint import latest_checkpoint, load_run_info
 from configs import option, parse_args
+from devices import pick_compile, pick_device, pick_dtype
 from model import GPT
 from tokenizer import Tokenizer
-from trainers import pick_compile, pick_device, pick_dtype
 
 TRAIN_FIRST = "python train_pretrain.py (then python train_sft.py for a chat model)"
 HELP = "commands: /reset forgets the conversation, /help shows this, exit or quit (or Ctrl-D) ends the session"
@@ -191,9 +191,7 @@ class Demo:
         self.model = model.to(self.device, pick_dtype(cfg.dtype, self.device)).eval()
         if compile_decoding:
             info("compiling the decode step (torch.compile; --compile false skips this) ...")
-            failure = self.model.compile_decoding()
-            if failure:
-                info(f"torch.compile failed ({failure}); decoding eagerly")
+            self.model.compile_decoding(log=info)
         self.mode = cfg.mode if cfg.mode != "auto" else ("text" if self.stage in ("pretrain", None) else "chat")
         if self.mode == "text":
             info(f"text mode: the checkpoint (stage {self.stage or 'unknown'}) has not been trained on the chat "

@@ -4,9 +4,17 @@ import re
 
 import torch
 
-from storyworld import answer_matches
-
 CJK = re.compile(r"[\u3400-\u9fff]")
+FINAL_PUNCTUATION = ".!?,;:。！？，；：…\"'“”‘’ "
+
+
+def answer_matches(reply: str, expected: str) -> bool:
+    """Exact match up to whitespace, case and final punctuation: 'lily found a red ball' == 'Lily found a red ball.'"""
+
+    def normalise(text: str) -> str:
+        return " ".join(text.split()).lower().rstrip(FINAL_PUNCTUATION)
+
+    return normalise(reply) == normalise(expected)
 
 
 def first_question(messages: list[dict]) -> tuple[list[dict], str]:
@@ -44,7 +52,7 @@ def answer_accuracy(model, tokenizer, records: list[list[dict]], max_new_tokens:
     """Exact-match accuracy of greedy answers to the first question of each held-out chat.
 
     records are message lists (e.g. from sft_val.jsonl). A reply matches if it equals the expected answer up to
-    whitespace, case and final punctuation (storyworld.answer_matches). Also split by the answer's language
+    whitespace, case and final punctuation (answer_matches). Also split by the answer's language
     (Chinese if it contains CJK characters); a language without samples gives nan.
     """
     was_training = model.training

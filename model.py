@@ -12,7 +12,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from attention import Attention, KVCache, build_attention_mask, precompute_rope
+from checkpoint import load_model_config, load_weights
 from configs import ModelConfig
+from devices import EagerFallback
+from moe import MoE
 from sampling import apply_repetition_penalty, sample_next
 
 
@@ -52,12 +55,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(config.dim, config.norm_eps)
         self.attn = Attention(config, layer_idx)
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps)
-        if config.use_moe:
-            from moe import MoE  # imported here: moe.py builds its experts from MLP above
-
-            self.mlp = MoE(config)
-        else:
-            self.mlp = MLP(config)
+        self.mlp = MoE(config, MLP) if config.use_moe else MLP(config)
 
     def forward(self, x, cos, sin, mask=None, cache=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
@@ -101,15 +99,14 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def num_params(self, non_embedding: bool = False) -> int:
+    def num_params(self) -> int:
         """Parameter count (a tied embedding counted once)."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.embed.weight.numel() if non_embedding else n
+        return sum(p.numel() for p in self.parameters())
 
-    def num_active_params(self, non_embedding: bool = False) -> int:
+    def num_active_params(self) -> int:
         """Parameters used per token: with MoE, the routed experts a token does not visit are left out."""
         inactive = sum(block.mlp.num_inactive_params() for block in self.layers) if self.config.use_moe else 0
-        return self.num_params(non_embedding) - inactive
+        return self.num_params() - inactive
 
     def describe_size(self) -> str:
         """'26.88M parameters', or with MoE '9.20M parameters, 4.10M active per token'."""
@@ -193,23 +190,23 @@ class GPT(nn.Module):
                                         eos_id, generator, attention_mask))
         return torch.cat([idx, *new], dim=1)
 
-    def compile_decoding(self) -> str | None:
-        """Run generation's one-token steps through torch.compile; None on success, else why it failed.
+    def compile_decoding(self, log=print) -> bool:
+        """Run generation's one-token steps through torch.compile; False if that failed (decoding stays eager).
 
         At batch 1, decoding streams every weight once per token, and in eager mode the ~300 small
         operations around those matrix-vector products cost almost as much again in Python and dispatch
         overhead. Compiled (dynamic in the cache length, so it compiles once), the norms, RoPE and the cache
         writes fuse into a few kernels, called from generated C++. Compiling happens here, on a short dummy
         sequence: tens of seconds on a CPU. Prompts (prefill) stay eager: they are large matrix products already.
+        A compiled step that fails later (a recompile for a new batch size, say) falls back to eager with a
+        message from `log`, like one that fails here.
         """
         # cpp_wrapper: the compiled step's calls are made from C++, not Python (~10% faster decoding on a CPU).
-        self.decode_step = torch.compile(self.forward, dynamic=True, options={"cpp_wrapper": True})
-        try:  # one step at position 2 (sizes 0 and 1 would be specialised)
-            self.generate(torch.zeros(1, 2, dtype=torch.long, device=self.embed.weight.device), 2, temperature=0)
-        except Exception as e:  # no C++ compiler, Windows, MPS, an old torch: decoding stays eager
-            self.decode_step = None
-            return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-        return None
+        compiled = torch.compile(self.forward, dynamic=True, options={"cpp_wrapper": True})
+        self.decode_step = EagerFallback(compiled, self.forward, "decoding eagerly", log)
+        # One step at position 2 (sizes 0 and 1 would be specialised) compiles it now.
+        self.generate(torch.zeros(1, 2, dtype=torch.long, device=self.embed.weight.device), 2, temperature=0)
+        return self.decode_step.is_compiled
 
     def new_kv_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         c = self.config
@@ -231,8 +228,6 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, checkpoint_dir, device="cpu") -> "GPT":
         """Load a model saved by the trainers (config.json + model.safetensors)."""
-        from checkpoint import load_model_config, load_weights
-
         config = load_model_config(checkpoint_dir)
         model = cls(config)
         load_weights(model, checkpoint_dir, device=device)

@@ -10,7 +10,7 @@ import torch
 import bench
 from configs import ModelConfig
 from model import GPT
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 
 def test_flops_per_token_matches_a_hand_count():
@@ -47,12 +47,17 @@ def test_matvec_floor_and_fused_weights_cover_every_matmul():
 
 def test_cli_writes_json(tmp_path):
     out = tmp_path / "b.json"
-    subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--vocab_size", "320", "--batch_size", "1",
-                    "--seq_len", "16", "--parts", "pretrain,generate", "--memory", "false", "--warmup", "0",
-                    "--steps", "1", "--new_tokens", "4", "--prompt_len", "4", "--peak_tflops", "1",
-                    "--device", "cpu", "--out", str(out)], check=True, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "bench.py", "--preset", "tiny", "--vocab_size", "320", "--batch_size",
+                             "1", "--seq_len", "16", "--parts", "pretrain,generate", "--memory", "false", "--warmup",
+                             "0", "--steps", "1", "--new_tokens", "4", "--prompt_len", "4", "--peak_tflops", "1",
+                             "--device", "cpu", "--out", str(out)], check=True, capture_output=True, text=True)
     report = json.loads(out.read_text())
     assert report["peak_source"] == "--peak_tflops"
-    assert set(report["train"]["pretrain"]) == {"ours", "hf"}
-    assert report["generate"]["ours"]["decode_tok_s"] > 0
-    assert report["generate"]["floor"]["floor_tok_s"] > 0
+    train = report["train"]["pretrain"]
+    assert set(train) == {"ours", "hf"}
+    for r in train.values():  # MFU = FLOPs per token x tokens/s over the given peak of 1 TFLOPS
+        assert r["mfu"] == pytest.approx(report["train_flops_per_token"] * r["tok_s"] / 1e12)
+    # The table printed is the report written.
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()}
+    assert rows["pretrain"][1:3] == [f"{train['ours']['tok_s']:.0f}", f"{train['hf']['tok_s']:.0f}"]
+    assert rows["decode"][1:3] == [f"{report['generate'][k]['decode_tok_s']:.0f}" for k in ("ours", "hf")]

@@ -11,16 +11,8 @@ import torch
 import checkpoint
 import demo
 import lora
-from configs import ModelConfig
 from model import GPT
-from tests.conftest import TINY_MODEL
-
-
-def make_checkpoint(directory, tokenizer, stage, max_seq_len=64):
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY_MODEL, "max_seq_len": max_seq_len}))
-    checkpoint.save_checkpoint(directory, model, tokenizer, {"stage": stage})
-    return directory
+from tests.helpers import make_checkpoint
 
 
 def expected_reply(directory, tokenizer, ids, max_new_tokens, **sampling):
@@ -58,7 +50,8 @@ def test_piped_chat_session_is_streamed_and_saved(tmp_path, tokenizer):
         assert record["reply"] == expected_reply(ckpt, tokenizer, ids, 6, temperature=0)
         assert record["prompt_tokens"] == len(ids) and 1 <= record["reply_tokens"] <= 6
         assert record["settings"]["temperature"] == 0 and record["checkpoint"] == str(ckpt)
-        assert record["tokens_per_s"] > 0 and record["stage"] == "sft" and record["mode"] == "chat"
+        assert record["tokens_per_s"] == pytest.approx(record["reply_tokens"] / record["seconds"], rel=0.02)
+        assert record["stage"] == "sft" and record["mode"] == "chat"
         assert record["reply"] in result.stdout and record["reply"] in transcript
     assert "**system:** Be kind." in transcript and "(conversation reset)" in transcript
     assert result.stderr.count("tokens/s") == 3

@@ -8,8 +8,7 @@ import torch
 from attention import apply_rope, manual_attention, precompute_rope, sdpa_attention
 from configs import ModelConfig, get_config
 from model import GPT
-
-SMALL = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+from tests.helpers import SMALL
 
 
 def small_model(seed=0, **overrides) -> GPT:
@@ -177,7 +176,7 @@ def test_bad_config_gives_one_line_error(bad, message):
 
 def test_too_long_sequence_is_a_clear_error():
     with pytest.raises(ValueError, match="longer than max_seq_len"):
-        small_model()(torch.zeros(1, 33, dtype=torch.long))
+        small_model()(torch.zeros(1, SMALL["max_seq_len"] + 1, dtype=torch.long))
 
 
 def test_config_fields_survive_a_dict_round_trip():
