@@ -25,11 +25,18 @@ import torch
 from safetensors.torch import save_file
 
 import lora
-from checkpoint import check_state_matches, load_model_config, load_weights, model_state, read_tensors
+from checkpoint import (
+    check_state_matches,
+    load_model_config,
+    load_run_info,
+    load_weights,
+    model_state,
+    read_tensors,
+)
 from configs import ModelConfig, check_rope_scaling
 from fileio import write_json
 from model import GPT, padded_vocab_size
-from tokenizer import HFTokenizer, Tokenizer
+from tokenizer import HFTokenizer, Tokenizer, read_chat_template
 
 # The switches each Hugging Face family fixes (the rest of ModelConfig is its shape). Llama also has biases
 # (attention_bias and mlp_bias together = our `bias`); the others have none beyond what is listed.
@@ -320,14 +327,18 @@ def load_hf_state(model: GPT, hf_state: dict[str, torch.Tensor], source: str) ->
 
 
 # ----------------------------------------------------------------------------- loading
+def load_config(path) -> ModelConfig:
+    """The ModelConfig of our checkpoint directory, a HF model directory or hf:ORG/NAME."""
+    directory = resolve(path)
+    return read_hf_config(directory) if is_hf_model(directory) else load_model_config(directory)
+
+
 def load_model(path, overrides: dict | None = None) -> GPT:
     """The model of our checkpoint directory, a HF model directory or hf:ORG/NAME, with model-field overrides
     (e.g. dropout) applied to its config."""
     directory = resolve(path)
-    hf = is_hf_model(directory)
-    config = read_hf_config(directory) if hf else load_model_config(directory)
-    model = GPT(ModelConfig(**{**asdict(config), **(overrides or {})}))
-    load_hf_weights(model, directory) if hf else load_weights(model, directory)
+    model = GPT(ModelConfig(**{**asdict(load_config(directory)), **(overrides or {})}))
+    load_hf_weights(model, directory) if is_hf_model(directory) else load_weights(model, directory)
     return model
 
 
@@ -344,8 +355,8 @@ def load_pretrained(path, device="cpu", overrides: dict | None = None, log=print
         raise FileNotFoundError(f"{path}: no such directory")
     if lora.is_adapter_dir(directory):
         model, tokenizer = lora.load_lora_checkpoint(directory)
-        return model.to(device), tokenizer
-    model, tokenizer = load_model(directory, overrides), Tokenizer.from_pretrained(directory)
+    else:
+        model, tokenizer = load_model(directory, overrides), Tokenizer.from_pretrained(directory)
     if isinstance(tokenizer, HFTokenizer) and tokenizer.chat_template is None:
         old = model.config.vocab_size
         tokenizer = tokenizer.with_chatml()
@@ -378,14 +389,12 @@ def resize_vocab(model: GPT, vocab_size: int) -> GPT:
     return resized
 
 
-def checkpoint_stage(directory, tokenizer: Tokenizer) -> str | None:
+def checkpoint_stage(directory) -> str | None:
     """What trained a model, for the demo's chat or text mode: our run.json's stage ('lora' for adapters); for a
     HF model 'pretrain' if it came without a chat template (a base model), else 'instruct'."""
-    from checkpoint import load_run_info
-
     directory = resolve(directory)
     if is_hf_model(directory):
-        return "instruct" if isinstance(tokenizer, HFTokenizer) and tokenizer.template_from_model else "pretrain"
+        return "instruct" if read_chat_template(directory) is not None else "pretrain"
     stage = load_run_info(directory).get("stage")
     return "lora" if stage is None and lora.is_adapter_dir(directory) else stage
 

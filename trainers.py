@@ -27,17 +27,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import lora
-from checkpoint import (
-    latest_checkpoint,
-    load_model_config,
-    load_run_info,
-    load_train_state,
-    load_weights,
-    save_checkpoint,
-)
+from checkpoint import latest_checkpoint, load_run_info, load_train_state, save_checkpoint
 from configs import ModelConfig, TrainConfig, get_config, parse_train_args
 from dataset import PreferenceDataset, PretrainDataset, SFTDataset, load_chats
 from evals import answer_accuracy
+from hf import load_pretrained, resolve
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
 from moe import collect_moe_stats
@@ -168,13 +162,11 @@ class Trainer:
         return model, tokenizer
 
     def load_pretrained(self, directory) -> tuple[GPT, Tokenizer]:
-        """Model (with any model-field overrides such as dropout) and tokenizer of a checkpoint."""
-        config = load_model_config(directory)
-        config = ModelConfig(**{**asdict(config), **self.model_overrides})
-        model = GPT(config)
-        load_weights(model, directory)
+        """Model (with any model-field overrides such as dropout) and tokenizer of a checkpoint or a Hugging Face
+        model (hf.load_pretrained)."""
+        model, tokenizer = load_pretrained(directory, overrides=self.model_overrides, log=self.log)
         self.log(f"loaded {directory} ({model.describe_size()})")
-        return model, Tokenizer.from_pretrained(directory)
+        return model, tokenizer
 
     def build_data(self):
         self.train_data = PretrainDataset(self.cfg.data_dir, "train", self.seq_len)
@@ -439,7 +431,7 @@ def find_init_dir(init_from: str, stages: tuple[str, ...]) -> Path:
     """The checkpoint to fine-tune: init_from if given, else checkpoint/<stage> for the first of `stages`
     that has one (e.g. the SFT model if there is one, else the pretrained one)."""
     if init_from:
-        return Path(init_from)
+        return resolve(init_from)  # hf:ORG/NAME: its downloaded snapshot
     for stage in stages:
         found = latest_checkpoint("checkpoint", (stage,))
         if found is not None:
