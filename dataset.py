@@ -423,6 +423,9 @@ def encode_preference(tokenizer, prompt: list[dict], chosen: list[dict], rejecte
     for reply in (chosen, rejected):
         ids, mask = tokenizer.apply_chat_template(prompt + reply, return_assistant_mask=True)
         # The template encodes each message on its own, so the prompt's tokens are a prefix of both.
+        if ids[:len(prompt_ids)] != prompt_ids:  # a model's own template (hf.py) might not
+            raise ValueError("the chat template writes the prompt differently once a reply follows, so the reply "
+                             "cannot be cut off it")
         replies.append((ids[len(prompt_ids):], mask[len(prompt_ids):]))
     longest = max(len(ids) for ids, _ in replies)
     keep_prompt = max(0, min(len(prompt_ids), max_tokens - longest))

@@ -215,27 +215,27 @@ def save_tokenizer(style: str, directory, tok=None, template_in_config: bool = F
 
 # family: (transformers config class, its arguments, tokenizer style)
 FAMILIES = {
-    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=48), "gpt2"),
+    "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=128), "gpt2"),
     "llama": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=48, tie_word_embeddings=True,
+                                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
                                   rope_theta=10000.0), "smollm2"),
     "llama3": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=48, tie_word_embeddings=False,
+                                   num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
                                    attention_bias=True, mlp_bias=True, rope_theta=500000.0, rope_scaling=dict(
                                        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                                        original_max_position_embeddings=16)), "llama3"),
     "llama_linear": ("LlamaConfig", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=48,
+                                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
                                          rope_theta=10000.0, rope_scaling=dict(rope_type="linear", factor=4.0)),
                      "llama3"),
     "mistral": ("MistralConfig", dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                       max_position_embeddings=64, sliding_window=40, rope_theta=10000.0), "mistral"),
     "qwen2": ("Qwen2Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=48, tie_word_embeddings=True,
+                                  num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
                                   rope_theta=1000000.0), "qwen"),
     "qwen3": ("Qwen3Config", dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, head_dim=16, max_position_embeddings=48,
+                                  num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
                                   tie_word_embeddings=False, rope_theta=1000000.0), "qwen3"),
 }
 
@@ -247,7 +247,7 @@ def build_model(family: str, vocab_size: int, seed: int = 0):
 
     config_class, kwargs, _ = FAMILIES[family]
     torch.manual_seed(seed)
-    config = getattr(transformers, config_class)(vocab_size=vocab_size, **kwargs)
+    config = getattr(transformers, config_class)(vocab_size=vocab_size, bos_token_id=None, eos_token_id=None, **kwargs)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for p in model.parameters():
