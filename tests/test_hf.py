@@ -9,6 +9,7 @@ import shutil
 import pytest
 import torch
 
+import bench
 import checkpoint
 import demo
 import export
@@ -56,6 +57,34 @@ def test_kv_cache_greedy_generation_matches_transformers(hf_dirs, family):
     expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=16, do_sample=False,
                                pad_token_id=0)
     assert torch.equal(ours.generate(prompt, 16, temperature=0), expected)
+
+
+def test_left_padded_rows_take_their_positions_from_the_mask(hf_dirs):
+    directory, theirs = hf_dirs["gpt2"]  # learned absolute positions: padding must not shift them
+    ours = GPT.from_pretrained(directory).eval()
+    idx = torch.randint(0, theirs.config.vocab_size, (2, 10))
+    mask = torch.ones_like(idx)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        got = ours(idx, attention_mask=mask)
+        expected = theirs(idx, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    assert (got[mask.bool()] - expected[mask.bool()]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_training_steps_match_transformers_in_bench(hf_dirs, family):
+    """bench.py --checkpoint: the same loss as the model's transformers class before and after an AdamW step."""
+    cfg = bench.BenchConfig(checkpoint=str(hf_dirs[family][0]), vocab_size=hf_dirs[family][1].config.vocab_size,
+                            batch_size=2, seq_len=16, device="cpu", compile="false")
+    runners = bench.build_runners(cfg, torch.device("cpu"), torch.float32)
+    assert type(runners["hf"].model) is type(hf_dirs[family][1])
+    batch = bench.make_batch("sft", cfg, torch.device("cpu"))
+    for _ in range(2):
+        ours, theirs = (r.train_step("sft", batch).item() for r in runners.values())
+        assert ours == pytest.approx(theirs, abs=1e-5)
+    assert bench.matmul_params(runners["ours"].model.config) == sum(
+        w.numel() for w in bench.weight_matrices(runners["ours"].model, fused=True)) - 32 * (
+        runners["ours"].model.lm_head.weight.shape[0] - cfg.vocab_size)
 
 
 def test_both_config_layouts_give_the_same_model(hf_dirs, tmp_path):
