@@ -13,8 +13,9 @@ QWEN_PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^
 LLAMA3_PAT = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
               r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
 
-# The chat templates the models ship (Qwen2.5-Instruct, Qwen3, SmolLM2-Instruct, Meta-Llama-3-Instruct), and a
-# Mistral-style one that ends the reply with the end-of-sequence token and has no generation prompt.
+# The chat templates the models ship (Qwen2.5-Instruct and Qwen3 without their tool-call branches, SmolLM2-Instruct,
+# Meta-Llama-3-Instruct), and a Mistral-style one that ends the reply with the end-of-sequence token and has no
+# generation prompt.
 QWEN25_TEMPLATE = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
     {%- if messages[0]['role'] == 'system' %}
@@ -49,7 +50,7 @@ QWEN25_TEMPLATE = """{%- if tools %}
 {%- if add_generation_prompt %}
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
-"""  # noqa: E501 (the template as shipped)
+"""  # noqa: E501 (the template's own lines)
 
 QWEN3_TEMPLATE = """{%- if messages[0].role == 'system' %}
     {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
