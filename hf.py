@@ -140,20 +140,23 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
         raise ValueError(f"{where}: model_type {family!r} is not supported; supported: {', '.join(FAMILIES)}")
     try:
         if family == "gpt2":
-            unsupported = {"activation_function": hf.get("activation_function", "gelu_new") not in (
-                "gelu_new", "gelu_pytorch_tanh"), "scale_attn_by_inverse_layer_idx": hf.get(
-                "scale_attn_by_inverse_layer_idx", False), "reorder_and_upcast_attn": hf.get(
-                "reorder_and_upcast_attn", False), "scale_attn_weights": not hf.get("scale_attn_weights", True)}
-            _refuse(unsupported, hf, where)
+            _refuse(where, family, {
+                f"activation_function={hf.get('activation_function')!r}": hf.get(
+                    "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"),
+                "scale_attn_by_inverse_layer_idx": hf.get("scale_attn_by_inverse_layer_idx", False),
+                "reorder_and_upcast_attn": hf.get("reorder_and_upcast_attn", False),
+                "scale_attn_weights=false": not hf.get("scale_attn_weights", True)})
             shape = dict(vocab_size=hf["vocab_size"], dim=hf["n_embd"], n_layers=hf["n_layer"], n_heads=hf["n_head"],
                          n_kv_heads=hf["n_head"], hidden_dim=hf.get("n_inner") or 4 * hf["n_embd"],
                          max_seq_len=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                          tie_embeddings=True)
         else:
-            bias = hf.get("attention_bias", False)
-            _refuse({"hidden_act": hf.get("hidden_act", "silu") != "silu",
-                     "mlp_bias": hf.get("mlp_bias", False) != bias if family == "llama" else hf.get("mlp_bias", False),
-                     "attention_bias": bias if family in ("mistral", "qwen3") else False}, hf, where)
+            bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+            _refuse(where, family, {
+                f"hidden_act={hf.get('hidden_act')!r}": hf.get("hidden_act", "silu") != "silu",
+                f"attention_bias={bias} with mlp_bias={mlp_bias}": bias != mlp_bias and family == "llama",
+                "attention_bias": bias and family in ("mistral", "qwen3"),
+                "mlp_bias": mlp_bias and family != "llama"})
             shape = dict(vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
                          n_heads=hf["num_attention_heads"],
                          n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
@@ -168,10 +171,11 @@ def config_from_hf(hf: dict, where: str) -> ModelConfig:
     return ModelConfig(**shape, **FAMILIES[family], hf_model_type=family)
 
 
-def _refuse(problems: dict[str, bool], hf: dict, where: str) -> None:
-    bad = [f"{k}={hf.get(k)!r}" for k, wrong in problems.items() if wrong]
+def _refuse(where: str, family: str, problems: dict[str, bool]) -> None:
+    """One line naming every setting (a key of problems whose value is true) we cannot hold."""
+    bad = [setting for setting, wrong in problems.items() if wrong]
     if bad:
-        raise ValueError(f"{where}: {', '.join(bad)} is not supported for model_type {hf['model_type']!r}")
+        raise ValueError(f"{where}: {', '.join(bad)} is not supported for model_type {family!r}")
 
 
 def _rope(hf: dict, where: str) -> dict:
@@ -378,7 +382,7 @@ def resize_vocab(model: GPT, vocab_size: int) -> GPT:
     state = model.state_dict()
     resized = GPT(replace(model.config, vocab_size=vocab_size))
     for name in ("embed.weight",) if model.config.tie_embeddings else ("embed.weight", "lm_head.weight"):
-        rows = resized.state_dict()[name].zero_()
+        rows = torch.zeros_like(resized.state_dict()[name])  # the padding rows stay zero
         keep = min(old, vocab_size)
         rows[:keep] = state[name][:keep]
         rows[old:vocab_size] = state[name][:old].mean(0)

@@ -380,6 +380,7 @@ class HFTokenizer(Tokenizer):
         # second alternative matches such a stretch (characters where the pattern does not match).
         self.pat_str = f"(?:{splits[-1]})|(?:(?!(?:{splits[-1]}))[\\s\\S])+"
         self.mergeable_ranks, self.rank_to_id = self._ranks(model)
+        self._vocab_size = max(self.id_bytes) + 1
         self.enc = tiktoken.Encoding(name, pat_str=self.pat_str, mergeable_ranks=self.mergeable_ranks,
                                      special_tokens={})
         self.added_patterns = {allow: _added_pattern([t for t in self.added.values() if allow or not t.get("special")])
@@ -412,10 +413,11 @@ class HFTokenizer(Tokenizer):
             if token in self.added:
                 continue
             try:
-                ids[bytes(to_byte[c] for c in token)] = i
+                spelled = bytes(to_byte[c] for c in token)
             except KeyError:
                 raise ValueError(f"{self.name}: vocabulary token {token!r} is not byte-level") from None
-            self.id_bytes.setdefault(i, bytes(to_byte[c] for c in token))
+            ids[spelled] = i
+            self.id_bytes.setdefault(i, spelled)
         singles = sorted((i, b) for b, i in ids.items() if len(b) == 1)
         if len(singles) != 256:
             raise ValueError(f"{self.name}: the vocabulary holds {len(singles)} of the 256 bytes; byte-level BPE "
@@ -591,7 +593,7 @@ class HFTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return max(self.id_bytes) + 1
+        return self._vocab_size
 
     @property
     def eot_id(self) -> int:

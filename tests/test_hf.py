@@ -156,7 +156,7 @@ def test_our_preset_exports_as_llama_and_a_lora_checkpoint_merged(tokenizer, tmp
     (lambda c: c.update(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
      "RoPE scaling 'yarn' is not supported; supported: none, linear, llama3"),
     (lambda c: c.update(hidden_act="gelu"), "hidden_act='gelu' is not supported"),
-    (lambda c: c.update(attention_bias=True, mlp_bias=False), "mlp_bias=False is not supported"),
+    (lambda c: c.update(attention_bias=True, mlp_bias=False), "attention_bias=True with mlp_bias=False is not"),
 ])
 def test_unsupported_configs_are_refused_in_one_line(hf_dirs, tmp_path, change, message):
     shutil.copytree(hf_dirs["llama"][0], tmp_path / "m")
