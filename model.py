@@ -204,6 +204,8 @@ class GPT(nn.Module):
         eos = torch.tensor([eos_id] if isinstance(eos_id, int) else (eos_id or []), dtype=torch.long,
                            device=idx.device)
         window = self.config.max_seq_len
+        # Only as long as this generation can get: a pretrained model's context (32k for Qwen2.5) would
+        # otherwise allocate gigabytes of cache for a short reply.
         cache = self.new_kv_cache(idx.shape[0], min(window, idx.shape[1] + max_new_tokens))
         finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
         seq, step_input, seq_mask = idx, idx[:, -window:], attention_mask
