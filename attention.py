@@ -12,15 +12,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from norms import RMSNorm
+
 
 # ----------------------------------------------------------------------------- RoPE
-def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def precompute_rope(head_dim: int, max_seq_len: int, theta: float,
+                    scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of shape (max_seq_len, head_dim) for rotary position embeddings.
 
     Uses the "rotate half" layout of HF Llama: channel i and channel i + head_dim/2 form one rotating pair,
-    both turning at frequency theta^(-2i/head_dim).
+    both turning at frequency theta^(-2i/head_dim). `scaling` stretches the frequencies for contexts longer
+    than the model was trained on (configs.ROPE_SCALING_KEYS):
+    - linear: every frequency / factor, i.e. position p is treated as p / factor;
+    - llama3: wavelengths longer than original_len / low_freq_factor are stretched by factor, those shorter
+      than original_len / high_freq_factor are kept, and the ones between are interpolated smoothly.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (original / wavelen - low) / (high - low)  # 0 at the long end of the band, 1 at the short end
+        between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > original / low, inv_freq / factor,
+                               torch.where(wavelen < original / high, inv_freq, between))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim): the same angle for both halves of a pair
     return angles.cos(), angles.sin()
@@ -120,26 +138,40 @@ class KVCache:
 
 # ----------------------------------------------------------------------------- the module
 class Attention(nn.Module):
-    """Causal self-attention with RoPE and grouped-query attention (Llama's q/k/v/o projections)."""
+    """Causal self-attention with RoPE and grouped-query attention (Llama's q/k/v/o projections).
+
+    Switches (configs.ModelConfig): `bias` gives every projection a bias (GPT-2), `attn_bias` only q, k and v
+    (Qwen2); `qk_norm` RMS-normalises each query and key head before RoPE (Qwen3). With learned positions
+    (GPT-2) cos and sin are None and no rotation happens here.
+    """
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.bias)
-        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.bias)
-        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.bias)
+        qkv_bias = config.bias or config.attn_bias
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attend = ATTENTION_IMPLS[config.attn_impl]
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm:  # each head's query and key vectors to unit RMS (times a learned gain)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)

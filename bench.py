@@ -3,6 +3,7 @@
     python bench.py --preset minimind2-small --batch_size 8 --seq_len 256          # CPU, float32
     python bench.py --preset minimind2 --batch_size 16 --seq_len 1024              # GPU: bf16 autocast
     python bench.py --parts pretrain,generate --hf false --out my.json
+    python bench.py --checkpoint hf:Qwen/Qwen2.5-0.5B-Instruct --batch_size 4 --seq_len 512   # a pretrained model
 
 For the preset and batch shape given, it times training steps (forward, backward, AdamW) of
   pretrain   next-token loss over every token
@@ -12,12 +13,13 @@ For the preset and batch shape given, it times training steps (forward, backward
   dpo_pre    the same with precomputed reference log-probabilities (no reference forward)
 and generation at --gen_batch_size: prefill and KV-cache decode tokens/s with `GPT.generate` against HF
 `generate` (greedy), beside the floor of decoding: the bare weight matrix-vector products of one token.
-HF's LlamaForCausalLM, built from our weights with `GPT.to_hf_llama`, runs at the same shape in the same
-process, interleaved step by step (who goes first alternates) so that machine noise hits both. Warm-up steps
-are not counted; the median of the timed steps is reported; CUDA timings synchronise. Peak memory is
-measured per implementation and part in a fresh child process (CUDA max allocated; on CPU the peak RSS
-above its peak after the imports). MFU = FLOPs per token (`train_flops_per_token`) x tokens/s over the
-device's peak: `--peak_tflops`, else the GPU table, else a large matmul measured here (CPU).
+HF's LlamaForCausalLM (for --checkpoint, the model's own transformers class), built from our weights with
+`hf.to_transformers`, runs at the same shape in the same process, interleaved step by step (who goes first
+alternates) so that machine noise hits both. Warm-up steps are not counted; the median of the timed steps is
+reported; CUDA timings synchronise. Peak memory is measured per implementation and part in a fresh child process
+(CUDA max allocated; on CPU the peak RSS above the process's RSS after imports). MFU = FLOPs per token
+(`train_flops_per_token`) x tokens/s over the device's peak: `--peak_tflops`, else the GPU table, else a large
+matmul measured here (CPU).
 """
 
 import copy
@@ -26,13 +28,14 @@ import multiprocessing
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
 from configs import ModelConfig, get_config, option, parse_args
 from devices import autocast, compile_or_eager, peak_rss_bytes, pick_compile, pick_device, pick_dtype
+from hf import load_config, to_transformers
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
 
@@ -51,6 +54,9 @@ GPU_PEAK_TFLOPS = [
 @dataclass
 class BenchConfig:
     preset: str = option("model preset (tiny, minimind2-small, minimind2, gpt2-124m)", default="minimind2-small")
+    checkpoint: str = option("benchmark this pretrained model instead of a fresh preset: our checkpoint directory, a "
+                             "Hugging Face model directory or hf:ORG/NAME (its vocabulary replaces --vocab_size)",
+                             default="")
     vocab_size: int = option("vocabulary size (minimind's tokenizer has 6400)", default=6400)
     batch_size: int = option("training rows per step (DPO: pairs, so twice the rows)", default=8)
     seq_len: int = option("tokens per row", default=256)
@@ -78,7 +84,7 @@ def matmul_params(c: ModelConfig) -> int:
     (the embedding is a lookup, so a tied embedding is counted once, as the head)."""
     q = o = c.dim * c.n_heads * c.head_dim
     k = v = c.dim * c.n_kv_heads * c.head_dim
-    mlp = 3 * c.dim * c.hidden_dim
+    mlp = (3 if c.mlp == "swiglu" else 2) * c.dim * c.hidden_dim
     return c.n_layers * (q + k + v + o + mlp) + c.dim * c.vocab_size
 
 
@@ -201,11 +207,14 @@ def make_batch(part: str, cfg: BenchConfig, device) -> dict:
 
 def build_runners(cfg: BenchConfig, device, dtype, names=("ours", "hf")) -> dict[str, Runner]:
     torch.manual_seed(0)
-    ours = GPT(get_config(cfg.preset, vocab_size=cfg.vocab_size, max_seq_len=max(
-        cfg.seq_len, cfg.prompt_len + cfg.new_tokens, get_config(cfg.preset).max_seq_len)))
+    if cfg.checkpoint:
+        ours = GPT.from_pretrained(cfg.checkpoint)
+    else:
+        ours = GPT(get_config(cfg.preset, vocab_size=cfg.vocab_size, max_seq_len=max(
+            cfg.seq_len, cfg.prompt_len + cfg.new_tokens, get_config(cfg.preset).max_seq_len)))
     runners = {}
     if "hf" in names:
-        runners["hf"] = Runner("hf", ours.to_hf_llama(), cfg, device, dtype)
+        runners["hf"] = Runner("hf", to_transformers(ours), cfg, device, dtype)
     if "ours" in names:
         runners["ours"] = Runner("ours", ours, cfg, device, dtype)
     return {n: runners[n] for n in names}
@@ -254,12 +263,11 @@ def weight_matrices(model: GPT, fused: bool) -> list[torch.Tensor]:
         # A MoE layer: the router, the shared experts and the top-k routed experts a token is sent to.
         mlps = ([layer.mlp] if not model.config.use_moe else
                 [*layer.mlp.shared_experts, *layer.mlp.experts[:model.config.num_experts_per_tok]])
-        if fused:
-            mats += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight]
-            mats += [w for m in mlps for w in (torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight)]
-        else:
-            mats += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight]
-            mats += [w for m in mlps for w in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
+        qkv = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]
+        mats += ([torch.cat(qkv)] if fused else qkv) + [a.o_proj.weight]
+        for m in mlps:
+            up = [m.gate_proj.weight, m.up_proj.weight] if m.gated else [m.up_proj.weight]  # GPT-2's MLP has no gate
+            mats += ([torch.cat(up)] if fused else up) + [m.down_proj.weight]
         if model.config.use_moe:
             mats.append(layer.mlp.router.weight)
     return mats + [model.lm_head.weight]
@@ -333,15 +341,19 @@ def main(cfg: BenchConfig) -> dict:
     names = ("ours", "hf") if cfg.hf and hf_available() else ("ours",)
     if cfg.hf and "hf" not in names:
         print("transformers is not installed: measuring ours only")
-    config = get_config(cfg.preset, vocab_size=cfg.vocab_size)
+    if cfg.checkpoint:  # random batches from the checkpoint's vocabulary
+        config = load_config(cfg.checkpoint)
+        cfg = replace(cfg, vocab_size=config.vocab_size)
+    else:
+        config = get_config(cfg.preset, vocab_size=cfg.vocab_size)
     peak, peak_source = device_peak(cfg, device, dtype)
     runners = build_runners(cfg, device, dtype, names)
     flops = train_flops_per_token(config, cfg.seq_len)
     report = {"config": asdict(cfg), "device": device_description(device), "dtype": dtype_name(dtype),
               "torch": torch.__version__, "params": runners["ours"].model.num_params(),
               "train_flops_per_token": flops, "peak_tflops": peak, "peak_source": peak_source, "train": {}}
-    print(f"{cfg.preset}: {report['params'] / 1e6:.1f}M parameters, {report['device']}, {report['dtype']}, "
-          f"batch {cfg.batch_size} x {cfg.seq_len}; peak {peak:.2f} TFLOPS ({peak_source})")
+    print(f"{cfg.checkpoint or cfg.preset}: {report['params'] / 1e6:.1f}M parameters, {report['device']}, "
+          f"{report['dtype']}, batch {cfg.batch_size} x {cfg.seq_len}; peak {peak:.2f} TFLOPS ({peak_source})")
 
     for part in (p for p in parts if p != "generate"):
         batch = make_batch(part, cfg, device)

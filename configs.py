@@ -6,6 +6,8 @@ Its help text is the field's `metadata["help"]`, so `--help` lists every option 
 
 import argparse
 import dataclasses
+import json
+import math
 import sys
 import typing
 from contextlib import contextmanager
@@ -25,21 +27,40 @@ def option(text: str, **kwargs):
 
 @dataclass
 class ModelConfig:
-    """Shape of the GPT (Llama-style: RMSNorm, RoPE, GQA, SwiGLU)."""
+    """Shape of the GPT: Llama-style (RMSNorm, RoPE, GQA, SwiGLU) by default; switches below give GPT-2 and Qwen."""
 
     vocab_size: int = option("vocabulary size (taken from the tokenizer when training)", default=6400)
     dim: int = option("model width (embedding size)", default=512)
     n_layers: int = option("number of transformer blocks", default=8)
     n_heads: int = option("number of query heads", default=8)
     n_kv_heads: int = option("number of key/value heads (grouped-query attention; = n_heads for MHA)", default=2)
-    hidden_dim: int | None = option("SwiGLU hidden size; None = 8/3 * dim rounded up to multiple_of", default=None)
+    head_dim: int | None = option("size of each attention head; None = dim / n_heads (Qwen3 and some Mistral models "
+                                  "use another)", default=None)
+    hidden_dim: int | None = option("MLP hidden size; None = 8/3 * dim rounded up to multiple_of (SwiGLU), "
+                                    "4 * dim (GELU)", default=None)
     multiple_of: int = option("round the SwiGLU hidden size up to a multiple of this", default=64)
-    max_seq_len: int = option("longest sequence the RoPE tables cover", default=1024)
+    max_seq_len: int = option("longest sequence the position tables cover", default=1024)
     rope_theta: float = option("RoPE base frequency", default=1e6)
-    norm_eps: float = option("RMSNorm epsilon", default=1e-5)
+    rope_scaling: dict | None = option(
+        'RoPE scaling as Hugging Face writes it (JSON): None; {"rope_type": "linear", "factor": F} (positions / F); '
+        'or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor", '
+        '"original_max_position_embeddings"} (Llama 3.1+)', default=None)
+    norm_eps: float = option("normalisation epsilon", default=1e-5)
     dropout: float = option("dropout on attention weights and residual branches", default=0.0)
     tie_embeddings: bool = option("share the token embedding with the output head", default=True)
-    bias: bool = option("use biases in the linear layers", default=False)
+    # Architecture switches: the defaults are the Llama layout; GPT-2 and Qwen checkpoints set the others
+    # (hf.py), and each switch's maths is in model.py / attention.py.
+    norm: str = option("'rmsnorm' (Llama, Qwen) or 'layernorm' (GPT-2: mean and variance, with a bias if bias)",
+                       default="rmsnorm")
+    mlp: str = option("'swiglu' (down(silu(gate(x)) * up(x)), Llama) or 'gelu' (down(gelu_tanh(up(x))), GPT-2)",
+                      default="swiglu")
+    pos_emb: str = option("positions: 'rope' (rotary, Llama) or 'learned' (an absolute position table added to the "
+                          "token embedding, GPT-2)", default="rope")
+    bias: bool = option("biases in every linear layer (and in LayerNorm), as GPT-2", default=False)
+    attn_bias: bool = option("biases in the query, key and value projections only, as Qwen2", default=False)
+    qk_norm: bool = option("RMS-normalise each query and key head before RoPE, as Qwen3", default=False)
+    hf_model_type: str = option("the Hugging Face architecture export.py writes (llama, mistral, qwen2, qwen3, gpt2); "
+                                "'' = the one the switches describe; set when a model is imported", default="")
     attn_impl: str = option("attention: 'sdpa' (fast, torch's fused kernel) or 'manual' (readable)", default="sdpa")
     # Mixture-of-Experts (moe.py): each routed or shared expert is a SwiGLU of hidden_dim.
     use_moe: bool = option("replace every block's SwiGLU MLP with a Mixture-of-Experts layer", default=False)
@@ -55,31 +76,61 @@ class ModelConfig:
                                     "tokens, the rest are dropped; 0 = never drop", default=0.0)
 
     def __post_init__(self):
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"model config: dim={self.dim} is not divisible by n_heads={self.n_heads} "
+                                 f"(or give head_dim)")
+            self.head_dim = self.dim // self.n_heads
         if self.hidden_dim is None:
-            hidden = int(8 * self.dim / 3)
-            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+            if self.mlp == "gelu":
+                self.hidden_dim = 4 * self.dim
+            else:
+                hidden = int(8 * self.dim / 3)
+                self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
         self.validate()
 
     def validate(self):
         """Raise a one-line ValueError if the shape cannot work."""
-        if self.dim % self.n_heads:
-            raise ValueError(f"model config: dim={self.dim} is not divisible by n_heads={self.n_heads}")
         if self.n_kv_heads > self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"model config: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-        if (self.dim // self.n_heads) % 2:
-            raise ValueError(f"model config: head size {self.dim // self.n_heads} must be even for RoPE")
-        if self.attn_impl not in ("sdpa", "manual"):
-            raise ValueError(f"model config: attn_impl={self.attn_impl!r} is not 'sdpa' or 'manual'")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ValueError(f"model config: head size {self.head_dim} must be even for RoPE")
+        choices = {"attn_impl": ("sdpa", "manual"), "norm": ("rmsnorm", "layernorm"), "mlp": ("swiglu", "gelu"),
+                   "pos_emb": ("rope", "learned")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model config: {name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        check_rope_scaling(self.rope_scaling, "model config: rope_scaling")
         if self.use_moe:
+            if self.mlp != "swiglu":
+                raise ValueError("model config: use_moe needs mlp='swiglu' (the experts are SwiGLUs)")
             if self.n_routed_experts < 1 or not 1 <= self.num_experts_per_tok <= self.n_routed_experts:
                 raise ValueError(f"model config: num_experts_per_tok={self.num_experts_per_tok} must be between 1 "
                                  f"and n_routed_experts={self.n_routed_experts}")
             if self.n_shared_experts < 0 or self.aux_loss_alpha < 0 or self.capacity_factor < 0:
                 raise ValueError("model config: n_shared_experts, aux_loss_alpha and capacity_factor must be >= 0")
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+
+def padded_vocab_size(vocab_size: int, multiple: int = 64) -> int:
+    """Round the embedding table up so the output matmul has tensor-core friendly shapes."""
+    return multiple * math.ceil(vocab_size / multiple)
+
+
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling: dict | None, where: str) -> None:
+    """One-line ValueError unless scaling is None, linear or llama3 with all its parameters."""
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"{where}: RoPE scaling {kind!r} is not supported; supported: none, "
+                         f"{', '.join(ROPE_SCALING_KEYS)}")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in scaling]
+    if missing:
+        raise ValueError(f"{where}: RoPE scaling {kind!r} lacks {', '.join(missing)}")
 
 
 # Named presets. `tiny` trains in minutes on a laptop CPU; the others follow published models.
@@ -157,6 +208,8 @@ def _flag_type(tp):
     if args:  # Optional[X] / X | None
         inner = _flag_type(args[0])
         return lambda s: None if s.lower() in ("none", "null") else inner(s)
+    if tp is dict:  # e.g. --rope_scaling '{"rope_type": "linear", "factor": 2}'
+        return json.loads
     if tp is bool:
         def to_bool(s: str) -> bool:
             if s.lower() in ("1", "true", "yes", "on"):

@@ -499,6 +499,9 @@ def tokenize_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: l
     replies = []
     for reply in (chosen, rejected):
         ids, mask = tokenizer.apply_chat_template(prompt + reply, return_assistant_mask=True)
+        if ids[:len(prompt_ids)] != prompt_ids:  # a model's own template (hf.py) might not
+            raise ValueError("the chat template writes the prompt differently once a reply follows, so the reply "
+                             "cannot be cut off it")
         replies.append((ids[len(prompt_ids):], mask[len(prompt_ids):]))
     return prompt_ids, replies[0], replies[1]
 

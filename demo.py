@@ -22,11 +22,12 @@ from pathlib import Path
 
 import torch
 
-import lora
-from checkpoint import latest_checkpoint, load_run_info
+from checkpoint import latest_checkpoint
 from configs import option, parse_args
 from devices import pick_compile, pick_device, pick_dtype
+from hf import resolve
 from model import GPT
+from pretrained import checkpoint_stage, load_pretrained
 from tokenizer import Tokenizer
 
 TRAIN_FIRST = "python train_pretrain.py (then python train_sft.py for a chat model)"
@@ -75,24 +76,17 @@ def info(message: str):
 
 # ----------------------------------------------------------------------------- checkpoints
 def load_checkpoint(directory, device) -> tuple[GPT, Tokenizer, str | None]:
-    """(model, tokenizer, the stage that trained it) of a checkpoint or a LoRA adapter directory."""
-    directory = Path(directory)
+    """(model, tokenizer, the stage that trained it) of a checkpoint, a LoRA adapter directory, a Hugging Face
+    model directory or hf:ORG/NAME."""
+    directory = resolve(directory)  # hf:ORG/NAME: its downloaded snapshot
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such checkpoint directory; make one first: {TRAIN_FIRST}")
     try:
-        if lora.is_adapter_dir(directory):
-            model, tokenizer = lora.load_lora_checkpoint(directory, device=device)
-        else:
-            model, tokenizer = GPT.from_pretrained(directory, device=device), Tokenizer.from_pretrained(directory)
-        stage = load_run_info(directory).get("stage")
+        model, tokenizer = load_pretrained(directory, device=device, log=info)
+        stage = checkpoint_stage(directory)
     except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"broken checkpoint: {e}; re-run the training stage that wrote it "
                          f"(e.g. python train_pretrain.py)") from None
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
-                         f"{model.config.vocab_size}")
-    if stage is None and lora.is_adapter_dir(directory):
-        stage = "lora"
     return model, tokenizer, stage
 
 
@@ -127,7 +121,7 @@ class StreamDecoder:
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id: int) -> str:
-        return self.utf8.decode(self.tokenizer.enc.decode_single_token_bytes(token_id))
+        return self.utf8.decode(self.tokenizer.token_bytes(token_id))
 
     def flush(self) -> str:
         """Whatever is still held back (invalid bytes become U+FFFD, as in Tokenizer.decode)."""

@@ -30,20 +30,20 @@ from tqdm import tqdm
 import lora
 from checkpoint import (
     latest_checkpoint,
-    load_model_config,
     load_run_info,
     load_train_state,
-    load_weights,
     save_checkpoint,
 )
 from configs import SFTConfig, TrainConfig, exit_on_bad_input, get_config
 from dataset import PreferenceDataset, PretrainDataset, SFTDataset, format_mask, load_chats, shift_chat
 from devices import EagerFallback, autocast, peak_memory, pick_compile, pick_device, pick_dtype
 from evals import answer_accuracy
+from hf import resolve
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
 from moe import collect_moe_stats
 from prepare import data_path
+from pretrained import load_pretrained
 from tokenizer import Tokenizer
 
 
@@ -155,11 +155,11 @@ class Trainer:
         return model, tokenizer
 
     def load_pretrained(self, directory) -> tuple[GPT, Tokenizer]:
-        """Model (with any model-field overrides such as dropout) and tokenizer of a checkpoint."""
-        model = GPT(dataclasses.replace(load_model_config(directory), **self.model_overrides))
-        load_weights(model, directory)
+        """Model (with any model-field overrides such as dropout) and tokenizer of a checkpoint or a Hugging Face
+        model (pretrained.load_pretrained)."""
+        model, tokenizer = load_pretrained(directory, overrides=self.model_overrides, log=self.log)
         self.log(f"loaded {directory} ({model.describe_size()})")
-        return model, Tokenizer.from_pretrained(directory)
+        return model, tokenizer
 
     def build_data(self):
         data_dir = data_path(self.cfg.data_dir)
@@ -419,7 +419,7 @@ def find_init_dir(init_from: str, stages: tuple[str, ...]) -> Path:
     """The checkpoint to fine-tune: init_from if given, else checkpoint/<stage> for the first of `stages`
     that has one (e.g. the SFT model if there is one, else the pretrained one)."""
     if init_from:
-        return Path(init_from)
+        return resolve(init_from)  # hf:ORG/NAME: its downloaded snapshot
     for stage in stages:
         found = latest_checkpoint("checkpoint", (stage,))
         if found is not None:

@@ -8,6 +8,7 @@ import torch
 
 import checkpoint
 from configs import ModelConfig, get_config
+from hf import to_transformers
 from model import GPT, MLP
 from moe import MoE, collect_moe_stats, load_balancing_loss
 from tests.helpers import TINY_MODEL, crash_during_step, make_trainer
@@ -167,7 +168,7 @@ def test_generation_with_kv_cache_matches_full_forward():
 
 def test_hf_interop_refuses_moe_models():
     with pytest.raises(ValueError, match="Mixture-of-Experts"):
-        GPT(ModelConfig(vocab_size=64, **{**TINY_MODEL, **MOE})).to_hf_llama()
+        to_transformers(GPT(ModelConfig(vocab_size=64, **{**TINY_MODEL, **MOE})), "llama")
 
 
 def moe_trainer(data_dir, out_dir, model=None, **train):
