@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from attention import Attention, KVCache, build_attention_mask, precompute_rope
+from attention import Attention, KVCache, build_attention_mask, position_mask, precompute_rope
 from configs import ModelConfig
 from sampling import apply_repetition_penalty, sample_next
 
@@ -117,12 +117,16 @@ class GPT(nn.Module):
         return text + (f", {self.num_active_params() / 1e6:.2f}M active per token" if self.config.use_moe else "")
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (only needed where padding comes before
         real tokens, e.g. left-padded prompts). segment_ids (B, T): packed documents, attention stays
         inside each. cache: a KVCache holding earlier positions; it is advanced by T.
+        positions (B, T), with a cache: each row's own token positions, for rows that are sequences of
+        different lengths (continuous batching, engine.py). Row b is stored at positions[b] and each token
+        sees its row's keys up to its own position; cache.pos is neither used nor advanced.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -133,13 +137,18 @@ class GPT(nn.Module):
         mask = None
         if attention_mask is not None or segment_ids is not None:
             mask = build_attention_mask(T, start + T, idx.device, attention_mask, segment_ids)
+        if positions is not None:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, head_dim)
+            mask = position_mask(positions, int(positions.max()) + 1)
+        if cache is not None:
+            cache.positions = positions
         x = self.dropout(self.embed(idx))
         for block in self.layers:
             if self.grad_checkpoint and self.training:
                 x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache)
-        if cache is not None:
+        if cache is not None and positions is None:
             cache.pos += T
         logits = self.lm_head(self.norm(x))
         # Padding rows of the vocabulary are never predicted.
