@@ -24,7 +24,7 @@ import torch
 
 import lora
 from checkpoint import latest_checkpoint, load_run_info
-from configs import option, parse_args
+from configs import PRESETS, ModelConfig, option, parse_args
 from model import GPT
 from tokenizer import Tokenizer
 from trainers import pick_compile, pick_device, pick_dtype
@@ -36,6 +36,10 @@ HELP = "commands: /reset forgets the conversation, /help shows this, exit or qui
 @dataclass
 class DemoConfig:
     checkpoint: str | None = option("checkpoint directory; None = the newest under checkpoint/", default=None)
+    model_type: str | None = option(f"a preset name ({', '.join(PRESETS)}), only checked against the checkpoint: "
+                                    "a checkpoint directory carries its own shape (config.json) and tokenizer, so "
+                                    "no preset is needed to load it, and a bare weights file without them cannot "
+                                    "be loaded (its tokenizer is missing)", default=None)
     mode: str = option("'chat' (ChatML, multi-turn), 'text' (continuation) or 'auto' (from the checkpoint's stage)",
                        default="auto")
     max_new_tokens: int = option("longest reply, in tokens", default=256)
@@ -58,6 +62,7 @@ class DemoConfig:
     def validate(self):
         """One-line ValueErrors for settings that cannot work."""
         checks = [("mode", self.mode in ("auto", "chat", "text"), "must be auto, chat or text"),
+                  ("model_type", self.model_type in (None, *PRESETS), f"must be one of {', '.join(PRESETS)}"),
                   ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
                   ("temperature", self.temperature >= 0, "must be >= 0"),
                   ("top_k", self.top_k is None or self.top_k >= 0, "must be >= 0"),
@@ -74,9 +79,24 @@ def info(message: str):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def find_checkpoint(checkpoint: str | None) -> Path:
+    """The checkpoint directory given, or else the newest under checkpoint/; says which on stderr."""
+    if checkpoint is not None:
+        info(f"checkpoint: {checkpoint}")
+        return Path(checkpoint)
+    found = latest_checkpoint("checkpoint")
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint under checkpoint/; train one first: {TRAIN_FIRST}")
+    info(f"checkpoint: {found} (the newest under checkpoint/; --checkpoint DIR picks another)")
+    return found
+
+
 def load_checkpoint(directory, device) -> tuple[GPT, Tokenizer, str | None]:
     """(model, tokenizer, the stage that trained it) of a checkpoint or a LoRA adapter directory."""
     directory = Path(directory)
+    if directory.is_file():
+        raise ValueError(f"{directory} is a file; a checkpoint is a directory with config.json, the weights and the "
+                         f"tokenizer (a bare weights file has no tokenizer to read and write text with)")
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such checkpoint directory; make one first: {TRAIN_FIRST}")
     try:
@@ -94,6 +114,15 @@ def load_checkpoint(directory, device) -> tuple[GPT, Tokenizer, str | None]:
     if stage is None and lora.is_adapter_dir(directory):
         stage = "lora"
     return model, tokenizer, stage
+
+
+def check_model_type(preset: str, config: ModelConfig, directory) -> None:
+    """--model_type: a one-line error if the checkpoint is not of that preset's shape."""
+    wrong = [f"{k}={getattr(config, k)} (the preset has {v})" for k, v in PRESETS[preset].items()
+             if k != "vocab_size" and getattr(config, k) != v]
+    if wrong:
+        raise ValueError(f"--model_type {preset}: {directory} is not of that shape: {', '.join(wrong)}; leave "
+                         f"--model_type out, the checkpoint's config.json gives its shape")
 
 
 # ----------------------------------------------------------------------------- prompts and streaming text
@@ -178,16 +207,10 @@ class Demo:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         compile_decoding = pick_compile(cfg.compile, self.device)  # checks --compile before the checkpoint loads
-        if cfg.checkpoint is None:
-            found = latest_checkpoint("checkpoint")
-            if found is None:
-                raise FileNotFoundError(f"no checkpoint under checkpoint/; train one first: {TRAIN_FIRST}")
-            info(f"checkpoint: {found} (the newest under checkpoint/; --checkpoint DIR picks another)")
-        else:
-            found = Path(cfg.checkpoint)
-            info(f"checkpoint: {found}")
-        self.checkpoint = found
+        self.checkpoint = found = find_checkpoint(cfg.checkpoint)
         model, self.tokenizer, self.stage = load_checkpoint(found, self.device)
+        if cfg.model_type is not None:
+            check_model_type(cfg.model_type, model.config, found)
         self.model = model.to(self.device, pick_dtype(cfg.dtype, self.device)).eval()
         if compile_decoding:
             info("compiling the decode step (torch.compile; --compile false skips this) ...")

@@ -11,7 +11,7 @@ import torch
 import checkpoint
 import demo
 import lora
-from configs import ModelConfig
+from configs import ModelConfig, get_config
 from model import GPT
 from tests.conftest import TINY_MODEL
 
@@ -160,3 +160,25 @@ def test_missing_broken_or_unloadable_checkpoints_are_one_line_errors(tmp_path, 
         demo.main([])
     with pytest.raises(SystemExit, match=r"^error: --top_p must be in \(0, 1\], got 1.5$"):
         demo.main(["--top_p", "1.5"])
+
+
+def test_model_type_is_only_a_check_against_the_checkpoint(tmp_path, tokenizer, capsys):
+    small = make_checkpoint(tmp_path / "small", tokenizer, "sft")  # TINY_MODEL's shape, which is no preset
+    torch.manual_seed(0)
+    tiny = GPT(get_config("tiny", vocab_size=tokenizer.vocab_size))
+    checkpoint.save_checkpoint(tmp_path / "tiny", tiny, tokenizer, {"stage": "sft"})
+
+    def run(path, model_type):
+        demo.main(["--checkpoint", str(path), "--model_type", model_type, "--prompt", "hi", "--max_new_tokens", "2",
+                   "--output_dir", str(tmp_path / "out")])
+
+    run(tmp_path / "tiny", "tiny")  # the right preset: accepted
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--model_type tiny: .*small is not of that shape: dim=32 \(the preset "
+                                         r"has 128\).*config.json gives its shape"):
+        run(small, "tiny")
+    with pytest.raises(SystemExit, match="--model_type must be one of tiny, "):
+        run(small, "llama-7b")
+    with pytest.raises(SystemExit, match="is a file; a checkpoint is a directory with config.json, the weights and "
+                                         "the tokenizer"):
+        run(small / "model.safetensors", "tiny")
