@@ -193,8 +193,8 @@ class Engine:
             ids[row, :len(seq.prompt)] = torch.tensor(seq.prompt)
         positions = torch.arange(ids.shape[1], device=self.device).expand_as(ids)
         first = len(self.active)
+        self.active += new  # before the forward: if it fails, run() ends these sequences too
         logits = self.model(ids, cache=self.cache.rows(first, first + len(new)), positions=positions)
-        self.active += new
         self.sample(new, logits[torch.arange(len(new)), lengths - 1])
 
     def sample(self, seqs: list[Sequence], logits: torch.Tensor):

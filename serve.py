@@ -144,10 +144,16 @@ class APIError(Exception):
         return JSONResponse({"error": self.body}, status_code=self.status)
 
 
+def is_type_tag(part) -> bool:
+    """Whether a part of a pydantic error location names a member of a union ('str', 'list[str]', 'TextPart')
+    rather than a field."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper())
+
+
 def validation_error(e: ValidationError) -> APIError:
     """The first problem of a request, as OpenAI words it where it can."""
     error = e.errors()[0]
-    field = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("str", "list[")))
+    field = ".".join(str(part) for part in error["loc"] if not is_type_tag(part))
     if error["type"] == "json_invalid":
         return APIError(400, f"We could not parse the JSON body of your request ({error['msg']})")
     if error["type"] == "extra_forbidden":
