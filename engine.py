@@ -121,6 +121,7 @@ class Engine:
             self.wakeup.notify()
 
     def load(self) -> dict:
+        """Sequences generating, sequences waiting for a row, and rows (GET /health shows them)."""
         return {"active": len(self.active), "waiting": len(self.waiting), "slots": self.max_batch}
 
     # ---- the loop (one thread)
@@ -162,9 +163,11 @@ class Engine:
     def leave(self):
         """Free the rows of the sequences that are done; drop cancelled or expired waiting ones."""
         with self.wakeup:
-            for seq in [s for s in self.waiting if s.why_leave()]:
-                self.waiting.remove(seq)
-                seq.finish(seq.why_leave())
+            for seq in list(self.waiting):
+                reason = seq.why_leave()
+                if reason is not None:
+                    self.waiting.remove(seq)
+                    seq.finish(reason)
         i = 0
         while i < len(self.active):
             reason = self.active[i].why_leave()
