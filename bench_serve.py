@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from configs import option, parse_args
 
@@ -53,8 +54,8 @@ class ServerProcess:
 
     def __init__(self, cfg: BenchServeConfig, max_batch: int):
         self.port = free_port()
-        args = [sys.executable, "serve.py", "--port", str(self.port), "--max_batch", str(max_batch),
-                "--max_queue", "1024", "--max_tokens", str(cfg.max_tokens)]
+        args = [sys.executable, str(Path(__file__).with_name("serve.py")), "--port", str(self.port),
+                "--max_batch", str(max_batch), "--max_queue", "1024", "--max_tokens", str(cfg.max_tokens)]
         args += ["--checkpoint", cfg.checkpoint] if cfg.checkpoint else []
         threads = str(cfg.threads)
         self.log = tempfile.TemporaryFile()
@@ -131,6 +132,8 @@ def run_clients(server: ServerProcess, cfg: BenchServeConfig, clients: int) -> d
     if errors:
         raise RuntimeError(f"{len(errors)} client(s) failed: {errors[0]}")
     ttft, latency, tokens = zip(*results)
+    if set(tokens) != {cfg.max_tokens}:
+        raise RuntimeError(f"requests generated {sorted(set(tokens))} tokens, not {cfg.max_tokens} each")
     return {"tokens_per_s": sum(tokens) / wall, "tokens": sum(tokens), "seconds": wall, "ttft": list(ttft),
             "latency": list(latency), "load": (load + os.getloadavg()[0]) / 2}
 

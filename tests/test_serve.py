@@ -17,6 +17,7 @@ import pytest
 import torch
 import uvicorn
 
+import bench_serve
 import checkpoint
 from configs import ModelConfig
 from model import GPT
@@ -311,6 +312,15 @@ def send_malformed_requests(url: str, n: int):
             if response.status_code >= 400:
                 assert "message" in response.json()["error"]
     assert sum(400 <= s < 500 for s in statuses) > 0.8 * n
+
+
+def test_bench_serve_measures_both_servers(ckpt):
+    cfg = bench_serve.BenchServeConfig(checkpoint=str(ckpt), clients="1,3", requests=1, max_tokens=4, rounds=1)
+    rows = {(r["server"], r["clients"]): r for r in bench_serve.main(cfg)["rows"]}
+    assert set(rows) == {(server, c) for server in ("batched", "one at a time") for c in (1, 3)}
+    for (_, clients), row in rows.items():
+        assert row["requests"] == clients and row["tokens_per_s"] > 0
+        assert 0 < row["ttft_p50_s"] <= row["latency_p50_s"] <= row["latency_p99_s"]
 
 
 # ----------------------------------------------------------------------------- the web chat in a real browser
