@@ -324,8 +324,8 @@ def test_bench_serve_measures_both_servers(ckpt):
 
 
 # ----------------------------------------------------------------------------- the web chat in a real browser
-def chromium_driver():
-    """A headless Chromium under selenium, or the reason there is none."""
+def chromium_driver(profile_dir):
+    """A headless Chromium under selenium with a fresh profile in profile_dir, or the reason there is none."""
     missing = [name for name in ("chromium", "chromedriver") if shutil.which(name) is None]
     if missing:
         return None, f"{' and '.join(missing)} not installed (apt-get install chromium chromium-driver)"
@@ -339,14 +339,14 @@ def chromium_driver():
     # network would refuse.
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1000,700"):
+                 "--window-size=1000,700", f"--user-data-dir={profile_dir}"):
         options.add_argument(flag)
     service = webdriver.ChromeService(executable_path=shutil.which("chromedriver"))
     return webdriver.Chrome(options=options, service=service), None
 
 
 def test_web_chat_streams_answers_in_a_browser(ckpt, tokenizer, served, tmp_path):
-    driver, why_not = chromium_driver()
+    driver, why_not = chromium_driver(tmp_path / "chromium-profile")
     if driver is None:
         pytest.skip(why_not)
     from selenium.webdriver.common.by import By
