@@ -21,7 +21,7 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import uvicorn
@@ -129,7 +129,7 @@ class ChatRequest(GenerationRequest):
 
 
 class CompletionRequest(GenerationRequest):
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: str | Annotated[list[str], Field(min_length=1)]
 
 
 class APIError(Exception):

@@ -129,6 +129,8 @@ def test_text_completions_n_choices_with_a_seed(ckpt, tokenizer, client):
     several = client.completions.create(model=MODEL_ID, prompt=["Mia", "Ben has"], max_tokens=4, temperature=0)
     assert [c.text for c in several.choices] == [expected(ckpt, tokenizer, tokenizer.encode(p), 4, temperature=0)[0]
                                                  for p in ("Mia", "Ben has")]
+    empty = client.completions.create(model=MODEL_ID, prompt="", max_tokens=4, temperature=0)  # a new document
+    assert empty.choices[0].text == expected(ckpt, tokenizer, [tokenizer.eot_id], 4, temperature=0)[0]
 
 
 def test_stop_strings_cut_the_text(client):
@@ -163,6 +165,7 @@ BAD_REQUESTS = [  # (path, body, status, words the message must contain)
     ("/v1/completions", {"model": MODEL_ID, "prompt": "hi " * 200}, 400, "maximum context length"),
     ("/v1/completions", {"model": MODEL_ID, "prompt": "hi " * 60, "max_tokens": 100}, 400, "maximum context length"),
     ("/v1/completions", {"model": MODEL_ID, "prompt": [1, 2, 3]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL_ID, "prompt": []}, 400, "prompt"),
     ("/v1/nothing", {}, 404, "Not Found"),
 ]
 
