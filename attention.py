@@ -6,6 +6,7 @@ Two implementations of the same maths, picked by `ModelConfig.attn_impl`:
 tests/test_model.py checks that they agree in outputs and gradients.
 """
 
+import copy
 import math
 
 import torch
@@ -75,6 +76,12 @@ def build_attention_mask(q_len: int, k_len: int, device, key_padding: torch.Tens
     return mask | (k_pos == q_pos)[None, None]
 
 
+def position_mask(positions: torch.Tensor, k_len: int) -> torch.Tensor:
+    """Boolean mask (B, 1, T, k_len) for rows that each sit at their own positions (B, T) in a KV cache: the
+    query at position p sees its row's keys 0..p (continuous batching: every row is another sequence)."""
+    return torch.arange(k_len, device=positions.device) <= positions[:, None, :, None]
+
+
 # ----------------------------------------------------------------------------- the attention maths
 def manual_attention(q, k, v, mask: torch.Tensor | None, dropout_p: float) -> torch.Tensor:
     """softmax(q k^T / sqrt(d) + mask) v, written out. q (B, H, T, D); k, v (B, H_kv, S, D).
@@ -125,15 +132,30 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_len = max_len
         self.pos = 0  # number of positions already stored (the model advances it after each forward)
+        # (B, T) positions of each row's tokens in the current forward, when the rows are sequences of different
+        # lengths (continuous batching, engine.py); None = every row at pos. GPT.forward sets it.
+        self.positions = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H_kv, T, D) at the current position; return all keys and values so far."""
+        if self.positions is not None:  # each row at its own positions
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[layer][rows, :, self.positions] = k.transpose(1, 2)  # row b's tokens at positions[b]
+            self.v[layer][rows, :, self.positions] = v.transpose(1, 2)
+            end = int(self.positions.max()) + 1  # keys up to the furthest row; position_mask hides the rest
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """The cache of rows start:stop (sequences) only, sharing this one's storage: writes land here too."""
+        view = copy.copy(self)
+        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        return view
 
 
 # ----------------------------------------------------------------------------- the module

@@ -11,7 +11,6 @@ Each session is written, turn by turn, to OUTPUT_DIR/<timestamp>/: transcript.md
 with one record per turn (prompt, reply, sampling settings, checkpoint, token counts, speed).
 """
 
-import codecs
 import itertools
 import json
 import os
@@ -22,21 +21,21 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import latest_checkpoint
-from configs import option, parse_args
+from configs import PRESETS, ModelConfig, option, parse_args
 from devices import pick_compile, pick_device, pick_dtype
-from hf import resolve
-from model import GPT
-from pretrained import checkpoint_stage, load_pretrained
-from tokenizer import Tokenizer
+from pretrained import find_checkpoint, load_checkpoint
+from tokenizer import StreamDecoder, Tokenizer
 
-TRAIN_FIRST = "python train_pretrain.py (then python train_sft.py for a chat model)"
 HELP = "commands: /reset forgets the conversation, /help shows this, exit or quit (or Ctrl-D) ends the session"
 
 
 @dataclass
 class DemoConfig:
     checkpoint: str | None = option("checkpoint directory; None = the newest under checkpoint/", default=None)
+    model_type: str | None = option(f"a preset name ({', '.join(PRESETS)}), only checked against the checkpoint: "
+                                    "a checkpoint directory carries its own shape (config.json) and tokenizer, so "
+                                    "no preset is needed to load it, and a bare weights file without them cannot "
+                                    "be loaded (its tokenizer is missing)", default=None)
     mode: str = option("'chat' (ChatML, multi-turn), 'text' (continuation) or 'auto' (from the checkpoint's stage)",
                        default="auto")
     max_new_tokens: int = option("longest reply, in tokens", default=256)
@@ -59,6 +58,7 @@ class DemoConfig:
     def validate(self):
         """One-line ValueErrors for settings that cannot work."""
         checks = [("mode", self.mode in ("auto", "chat", "text"), "must be auto, chat or text"),
+                  ("model_type", self.model_type in (None, *PRESETS), f"must be one of {', '.join(PRESETS)}"),
                   ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
                   ("temperature", self.temperature >= 0, "must be >= 0"),
                   ("top_k", self.top_k is None or self.top_k >= 0, "must be >= 0"),
@@ -75,19 +75,13 @@ def info(message: str):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def load_checkpoint(directory, device) -> tuple[GPT, Tokenizer, str | None]:
-    """(model, tokenizer, the stage that trained it) of a checkpoint, a LoRA adapter directory, a Hugging Face
-    model directory or hf:ORG/NAME."""
-    directory = resolve(directory)  # hf:ORG/NAME: its downloaded snapshot
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such checkpoint directory; make one first: {TRAIN_FIRST}")
-    try:
-        model, tokenizer = load_pretrained(directory, device=device, log=info)
-        stage = checkpoint_stage(directory)
-    except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"broken checkpoint: {e}; re-run the training stage that wrote it "
-                         f"(e.g. python train_pretrain.py)") from None
-    return model, tokenizer, stage
+def check_model_type(preset: str, config: ModelConfig, directory) -> None:
+    """--model_type: a one-line error if the checkpoint is not of that preset's shape."""
+    wrong = [f"{k}={getattr(config, k)} (the preset has {v})" for k, v in PRESETS[preset].items()
+             if k != "vocab_size" and getattr(config, k) != v]
+    if wrong:
+        raise ValueError(f"--model_type {preset}: {directory} is not of that shape: {', '.join(wrong)}; leave "
+                         f"--model_type out, the checkpoint's config.json gives its shape")
 
 
 # ----------------------------------------------------------------------------- prompts and streaming text
@@ -107,25 +101,6 @@ def chat_prompt(tokenizer: Tokenizer, system: str | None, turns: list[tuple[str,
         if len(ids) <= budget:
             break
     return ids, len(turns) - start
-
-
-class StreamDecoder:
-    """Token ids in, text out as soon as it is printable.
-
-    A multi-byte UTF-8 character (Chinese, emoji) is often split over several tokens: its bytes are held
-    back until the character is complete, so a stream never prints half a character as U+FFFD.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id: int) -> str:
-        return self.utf8.decode(self.tokenizer.token_bytes(token_id))
-
-    def flush(self) -> str:
-        """Whatever is still held back (invalid bytes become U+FFFD, as in Tokenizer.decode)."""
-        return self.utf8.decode(b"", final=True)
 
 
 # ----------------------------------------------------------------------------- saved sessions
@@ -172,16 +147,10 @@ class Demo:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         compile_decoding = pick_compile(cfg.compile, self.device)  # checks --compile before the checkpoint loads
-        if cfg.checkpoint is None:
-            found = latest_checkpoint("checkpoint")
-            if found is None:
-                raise FileNotFoundError(f"no checkpoint under checkpoint/; train one first: {TRAIN_FIRST}")
-            info(f"checkpoint: {found} (the newest under checkpoint/; --checkpoint DIR picks another)")
-        else:
-            found = Path(cfg.checkpoint)
-            info(f"checkpoint: {found}")
-        self.checkpoint = found
-        model, self.tokenizer, self.stage = load_checkpoint(found, self.device)
+        self.checkpoint = found = find_checkpoint(cfg.checkpoint, log=info)
+        model, self.tokenizer, self.stage = load_checkpoint(found, self.device, log=info)
+        if cfg.model_type is not None:
+            check_model_type(cfg.model_type, model.config, found)
         self.model = model.to(self.device, pick_dtype(cfg.dtype, self.device)).eval()
         if compile_decoding:
             info("compiling the decode step (torch.compile; --compile false skips this) ...")

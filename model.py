@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from attention import Attention, KVCache, build_attention_mask, precompute_rope
+from attention import Attention, KVCache, build_attention_mask, position_mask, precompute_rope
 from checkpoint import check_state_matches, load_weights
 from configs import ModelConfig, padded_vocab_size
 from devices import EagerFallback
@@ -107,12 +107,16 @@ class GPT(nn.Module):
         return text + (f", {self.num_active_params() / 1e6:.2f}M active per token" if self.config.use_moe else "")
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (only needed where padding comes before
         real tokens, e.g. left-padded prompts). segment_ids (B, T): packed documents, attention stays
         inside each. cache: a KVCache holding earlier positions; it is advanced by T.
+        positions (B, T), with a cache: each row's own token positions, for rows that are sequences of
+        different lengths (continuous batching, engine.py). Row b is stored at positions[b] and each token
+        sees its row's keys up to its own position; cache.pos is neither used nor advanced.
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -122,24 +126,32 @@ class GPT(nn.Module):
         mask = None
         if attention_mask is not None or segment_ids is not None:
             mask = build_attention_mask(T, start + T, idx.device, attention_mask, segment_ids)
+        if positions is not None:  # rows at positions of their own (continuous batching)
+            mask = position_mask(positions, int(positions.max()) + 1)
+        if cache is not None:
+            cache.positions = positions
         x = self.embed(idx)
         if self.pos_embed is None:
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            if positions is not None:
+                cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd)
+            else:
+                cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         else:
             cos = sin = None
-            if attention_mask is None:
-                positions = torch.arange(start, start + T, device=idx.device)
-            else:  # left padding: a token's position is the number of real tokens before it (RoPE is relative
-                # and does not care, absolute positions do)
-                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
-            x = x + self.pos_embed(positions)
+            absolute = positions
+            if absolute is None and attention_mask is None:
+                absolute = torch.arange(start, start + T, device=idx.device)
+            elif absolute is None:  # left padding: a token's position is the number of real tokens before it
+                # (RoPE is relative and does not care, absolute positions do)
+                absolute = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            x = x + self.pos_embed(absolute)
         x = self.dropout(x)
         for block in self.layers:
             if self.grad_checkpoint and self.training:
                 x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, cache)
-        if cache is not None:
+        if cache is not None and positions is None:
             cache.pos += T
         logits = self.lm_head(self.norm(x))
         # Padding rows of the vocabulary are never predicted.

@@ -6,14 +6,17 @@ demo can use it as a chat model.
 """
 
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 import lora
-from checkpoint import load_run_info
+from checkpoint import latest_checkpoint, load_run_info
 from hf import is_hf_model, resolve
 from model import GPT
 from tokenizer import HFTokenizer, Tokenizer, read_chat_template
+
+TRAIN_FIRST = "python train_pretrain.py (then python train_sft.py for a chat model)"
 
 
 def load_pretrained(path, device="cpu", overrides: dict | None = None, log=print) -> tuple[GPT, Tokenizer]:
@@ -71,3 +74,33 @@ def checkpoint_stage(directory) -> str | None:
         return "instruct" if read_chat_template(directory) is not None else "pretrain"
     stage = load_run_info(directory).get("stage")
     return "lora" if stage is None and lora.is_adapter_dir(directory) else stage
+
+
+def find_checkpoint(checkpoint: str | None, log=print) -> Path:
+    """The checkpoint directory given, or else the newest under checkpoint/; says which on stderr."""
+    if checkpoint is not None:
+        log(f"checkpoint: {checkpoint}")
+        return Path(checkpoint)
+    found = latest_checkpoint("checkpoint")
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint under checkpoint/; train one first: {TRAIN_FIRST}")
+    log(f"checkpoint: {found} (the newest under checkpoint/; --checkpoint DIR picks another)")
+    return found
+
+
+def load_checkpoint(directory, device="cpu", log=print) -> tuple[GPT, Tokenizer, str | None]:
+    """(model, tokenizer, the stage that trained it) of a checkpoint, a LoRA adapter directory, a Hugging Face
+    model directory or hf:ORG/NAME."""
+    directory = resolve(directory)  # hf:ORG/NAME: its downloaded snapshot
+    if directory.is_file():
+        raise ValueError(f"{directory} is a file; a checkpoint is a directory with config.json, the weights and the "
+                         f"tokenizer (a bare weights file has no tokenizer to read and write text with)")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory; make one first: {TRAIN_FIRST}")
+    try:
+        model, tokenizer = load_pretrained(directory, device=device, log=log)
+        stage = checkpoint_stage(directory)
+    except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"broken checkpoint: {e}; re-run the training stage that wrote it "
+                         f"(e.g. python train_pretrain.py)") from None
+    return model, tokenizer, stage

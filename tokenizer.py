@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import codecs
 import itertools
 import json
 import os
@@ -725,3 +726,22 @@ def _compile_template(source: str):
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
     return env.from_string(source)
+
+
+class StreamDecoder:
+    """Token ids in, text out as soon as it is printable.
+
+    A multi-byte UTF-8 character (Chinese, emoji) is often split over several tokens: its bytes are held
+    back until the character is complete, so a stream never prints half a character as U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self.utf8.decode(self.tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        """Whatever is still held back (invalid bytes become U+FFFD, as in Tokenizer.decode)."""
+        return self.utf8.decode(b"", final=True)
