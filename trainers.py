@@ -38,6 +38,7 @@ from checkpoint import (
 from configs import ModelConfig, TrainConfig, get_config, parse_train_args
 from dataset import PreferenceDataset, PretrainDataset, SFTDataset, load_chats
 from evals import answer_accuracy
+from flops import mfu
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
 from moe import collect_moe_stats
@@ -94,7 +95,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.out_dir = Path(cfg.out_dir or f"checkpoint/{self.stage}")
         torch.manual_seed(cfg.seed + self.rank)
-        self.step = 0
+        self.step = self.tokens_seen = 0
+        self.started = time.time()
 
         self.model, self.tokenizer = self.build_model()
         self.model.to(self.device)
@@ -284,11 +286,14 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 tokens_since_log += tokens_per_step * self.world
+                self.tokens_seen += tokens_per_step * self.world
 
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     dt = time.time() - t_log
                     record = {"loss": self.all_reduce_mean(loss.detach().float()), "lr": lr,
                               "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since_log / dt,
+                              "mfu": mfu(self.model.config, self.seq_len, tokens_since_log / dt, self.device,
+                                         self.dtype, self.world),
                               **{k: self.all_reduce_mean(v.detach().float()) for k, v in metrics.items()}}
                     self.write_metrics("train", record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
@@ -327,7 +332,7 @@ class Trainer:
     def write_metrics(self, split: str, record: dict):
         if not self.master:
             return
-        record = {"step": self.step, "split": split, "time": time.time(), **record}
+        record = {"step": self.step, "tokens": self.tokens_seen, "split": split, "time": time.time(), **record}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -338,12 +343,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def run_info(self) -> dict:
         return {"stage": self.stage, "step": self.step, "init_from": self.cfg.init_from,
-                "train_config": asdict(self.cfg)}
+                "train_config": asdict(self.cfg), "argv": sys.argv, "tokens_seen": self.tokens_seen,
+                "wall_time_s": time.time() - self.started, "peak_memory": peak_memory()}
 
     def train_state(self) -> dict:
         """Everything besides the weights that --resume needs to continue exactly."""
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "sampler": self.sampler.state_dict(), **self._rng_state()}
+                "sampler": self.sampler.state_dict(), "tokens_seen": self.tokens_seen,
+                "wall_time_s": time.time() - self.started, **self._rng_state()}
 
     def save(self):
         """Write the checkpoint (rank 0 only; the others wait so no rank runs ahead of a save)."""
@@ -383,6 +390,8 @@ class Trainer:
         rank_rng = state.get("rank_rng")
         self._set_rng_state(rank_rng[self.rank] if rank_rng and len(rank_rng) == self.world else state)
         self.sampler.load_state_dict(state["sampler"])
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.started -= state.get("wall_time_s", 0.0)  # wall time counts the interrupted run too
         info = load_run_info(self.out_dir)
         self.log(f"resuming {info.get('stage', self.stage)} from step {self.step} in {self.out_dir}")
 
@@ -426,6 +435,10 @@ def run_stage(trainer_cls, config_cls=TrainConfig, argv=None, description: str =
         trainer.log(f"saved {trainer.out_dir} at step {trainer.step}: "
                     + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         trainer.log(peak_memory())
+        if trainer.master:
+            from plots import write_curves  # matplotlib is slow to import: only once the run is done
+
+            trainer.log(write_curves(trainer.out_dir))
         return results
     except KeyboardInterrupt:
         sys.exit(130)
