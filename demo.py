@@ -23,9 +23,8 @@ from pathlib import Path
 import torch
 
 import lora
-from checkpoint import latest_checkpoint, load_run_info
+from checkpoint import latest_checkpoint
 from configs import option, parse_args
-from model import GPT
 from tokenizer import Tokenizer
 from trainers import pick_compile, pick_device, pick_dtype
 
@@ -71,29 +70,6 @@ class DemoConfig:
 def info(message: str):
     """Status lines go to stderr, so that stdout holds only the model's text (for --prompt in scripts)."""
     print(message, file=sys.stderr, flush=True)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def load_checkpoint(directory, device) -> tuple[GPT, Tokenizer, str | None]:
-    """(model, tokenizer, the stage that trained it) of a checkpoint or a LoRA adapter directory."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such checkpoint directory; make one first: {TRAIN_FIRST}")
-    try:
-        if lora.is_adapter_dir(directory):
-            model, tokenizer = lora.load_lora_checkpoint(directory, device=device)
-        else:
-            model, tokenizer = GPT.from_pretrained(directory, device=device), Tokenizer.from_pretrained(directory)
-        stage = load_run_info(directory).get("stage")
-    except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"broken checkpoint: {e}; re-run the training stage that wrote it "
-                         f"(e.g. python train_pretrain.py)") from None
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
-                         f"{model.config.vocab_size}")
-    if stage is None and lora.is_adapter_dir(directory):
-        stage = "lora"
-    return model, tokenizer, stage
 
 
 # ----------------------------------------------------------------------------- prompts and streaming text
@@ -187,7 +163,7 @@ class Demo:
             found = Path(cfg.checkpoint)
             info(f"checkpoint: {found}")
         self.checkpoint = found
-        model, self.tokenizer, self.stage = load_checkpoint(found, self.device)
+        model, self.tokenizer, self.stage = lora.load_any_checkpoint(found, self.device)
         self.model = model.to(self.device, pick_dtype(cfg.dtype, self.device)).eval()
         if compile_decoding:
             info("compiling the decode step (torch.compile; --compile false skips this) ...")

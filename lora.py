@@ -200,6 +200,30 @@ def load_lora_checkpoint(directory, device="cpu") -> tuple[GPT, Tokenizer]:
     return model.to(device).eval(), Tokenizer.from_pretrained(base)
 
 
+def load_any_checkpoint(directory, device="cpu") -> tuple[GPT, Tokenizer, str | None]:
+    """(model, tokenizer, the stage that trained it) of a full checkpoint or a LoRA adapter directory; a missing
+    or broken one raises a one-line FileNotFoundError or ValueError that says why (demo.py, eval.py, report.py)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such checkpoint directory; make one first: python "
+                                "train_pretrain.py (then python train_sft.py for a chat model)")
+    try:
+        if is_adapter_dir(directory):
+            model, tokenizer = load_lora_checkpoint(directory, device=device)
+        else:
+            model, tokenizer = GPT.from_pretrained(directory, device=device), Tokenizer.from_pretrained(directory)
+        stage = load_run_info(directory).get("stage")
+    except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
+        raise ValueError(f"broken checkpoint: {e}; re-run the training stage that wrote it "
+                         f"(e.g. python train_pretrain.py)") from None
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
+                         f"{model.config.vocab_size}")
+    if stage is None and is_adapter_dir(directory):
+        stage = "lora"
+    return model, tokenizer, stage
+
+
 def export_merged(adapter_dir, out_dir) -> Path:
     """Save the adapters of adapter_dir folded into their base as a full checkpoint in out_dir."""
     model, tokenizer = load_lora_checkpoint(adapter_dir)
