@@ -1,11 +1,13 @@
 """Training curves (plots.py, plot.py) and what the trainer records for them: tokens, MFU, run.json."""
 
 import json
+import shlex
 
 import pytest
 
 import plot
 import plots
+import report
 from tests.conftest import TINY_MODEL, crash_during_step, write_jsonl
 from trainers import PretrainTrainer, run_stage
 
@@ -123,6 +125,14 @@ def test_a_stage_records_tokens_mfu_and_its_command_and_draws_curves(data_dir, t
     assert info["tokens_seen"] == 128 and info["wall_time_s"] > 0 and "peak RSS" in info["peak_memory"]
     assert isinstance(info["argv"], list)
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # report.py: the stage's section and its row of the evaluation table
+    assert report.main(["--root", str(tmp_path), "--out", str(tmp_path / "report.md"), "--max_tokens", "64",
+                        "--eval_samples", "0"]) == 0
+    text = (tmp_path / "report.md").read_text()
+    assert "## pretrain" in text and f"`python {shlex.join(info['argv'])}`" in text
+    assert "| tokens seen | 128 |" in text and "![pretrain training curves](pretrain/curves.png)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| pretrain | "))
+    assert float(row.split("|")[2]) > 0  # the validation loss of the evaluation table
 
 
 def test_resume_continues_the_token_count(data_dir, tmp_path):
