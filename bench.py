@@ -18,8 +18,8 @@ HF's LlamaForCausalLM (for --checkpoint, the model's own transformers class), bu
 alternates) so that machine noise hits both. Warm-up steps are not counted; the median of the timed steps is
 reported; CUDA timings synchronise. Peak memory is measured per implementation and part in a fresh child process
 (CUDA max allocated; on CPU the peak RSS above the process's RSS after imports). MFU = FLOPs per token
-(`train_flops_per_token`) x tokens/s over the device's peak: `--peak_tflops`, else the GPU table, else a large
-matmul measured here (CPU).
+(flops.py) x tokens/s over the device's peak: `--peak_tflops`, else flops.py's GPU table, else a large matmul
+measured here (CPU).
 """
 
 import copy
@@ -33,22 +33,14 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from configs import ModelConfig, get_config, option, parse_args
+from configs import get_config, option, parse_args
 from devices import autocast, compile_or_eager, peak_rss_bytes, pick_compile, pick_device, pick_dtype
+from flops import device_peak_tflops, train_flops_per_token
 from hf import load_config, to_transformers
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
 
 PARTS = ("pretrain", "sft", "dpo", "dpo_pre", "generate")
-
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOPS, from the vendors' data sheets; the first name
-# contained in torch.cuda.get_device_name() wins, so the more specific names come first.
-GPU_PEAK_TFLOPS = [
-    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
-    ("A100", 312.0), ("A10G", 70.0), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
-    ("RTX 6000 Ada", 364.0), ("RTX A6000", 155.0), ("RTX 4090", 165.0), ("RTX 4080", 97.0),
-    ("RTX 3090", 71.0), ("RTX 3080", 59.5), ("V100", 125.0), ("T4", 65.0),  # V100, T4: fp16 (no bf16)
-]
 
 
 @dataclass
@@ -78,44 +70,12 @@ class BenchConfig:
     out: str = option("where the JSON results go", default="bench.json")
 
 
-# ----------------------------------------------------------------------------- FLOPs and peak
-def matmul_params(c: ModelConfig) -> int:
-    """Weights that take part in a matrix multiply per token: every projection and the output head
-    (the embedding is a lookup, so a tied embedding is counted once, as the head)."""
-    q = o = c.dim * c.n_heads * c.head_dim
-    k = v = c.dim * c.n_kv_heads * c.head_dim
-    mlp = (3 if c.mlp == "swiglu" else 2) * c.dim * c.hidden_dim
-    return c.n_layers * (q + k + v + o + mlp) + c.dim * c.vocab_size
-
-
-def train_flops_per_token(c: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token, as in PaLM (Chowdhery et al. 2022, appendix B):
-
-    6 * N for the weight matmuls (2 FLOPs per multiply-add forward, twice that backward), plus
-    12 * n_layers * (n_heads * head_dim) * seq_len for attention (q.k^T and the weighted sum of v, each
-    2 * n_heads * head_dim * seq_len FLOPs per token forward, x3 with backward), over the full sequence,
-    not halved for the causal mask. The real vocabulary counts, not its padding. A forward alone is 1/3.
-    """
-    return 6 * matmul_params(c) + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
-
-
-def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """The device's practical peak: the fastest of reps large square matmuls (a peak, so not the median)."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    times = [timed(lambda: a @ b, device) for _ in range(reps + 1)][1:]
-    return 2 * n ** 3 / min(times) / 1e12
-
-
+# ----------------------------------------------------------------------------- peak
 def device_peak(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak TFLOPS, where it came from)."""
+    """(peak TFLOPS, where it came from): --peak_tflops, else flops.py's GPU table or measured matmul."""
     if cfg.peak_tflops > 0:
         return cfg.peak_tflops, "--peak_tflops"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS:
-            if key in name:
-                return tflops, f"table: {name}, dense bf16"
-    return measured_matmul_tflops(device, dtype), f"measured: {dtype_name(dtype)} 2048x2048 matmul on {device.type}"
+    return device_peak_tflops(device, dtype)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -204,6 +204,8 @@ class TrainConfig:
 
 def _flag_type(tp):
     """The argparse converter for a dataclass field annotation."""
+    if typing.get_origin(tp) is list:  # list[X]: each of the flag's values is an X
+        return _flag_type(typing.get_args(tp)[0])
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if args:  # Optional[X] / X | None
         inner = _flag_type(args[0])
@@ -231,6 +233,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str | None =
                       help=f"{_help(cls, f.name)} (default: {default})")
         if hints[f.name] is bool:
             kwargs.update(nargs="?", const=True)  # `--flag` alone means true
+        if typing.get_origin(hints[f.name]) is list:
+            kwargs.update(nargs="+")  # `--checkpoint A B`: one or more values
         group.add_argument(f"--{f.name}", **kwargs)
 
 

@@ -38,6 +38,7 @@ from configs import SFTConfig, TrainConfig, exit_on_bad_input, get_config
 from dataset import PreferenceDataset, PretrainDataset, SFTDataset, format_mask, load_chats, shift_chat
 from devices import EagerFallback, autocast, peak_memory, pick_compile, pick_device, pick_dtype
 from evals import answer_accuracy
+from flops import mfu
 from hf import resolve
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
@@ -58,7 +59,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.out_dir = Path(cfg.out_dir or f"checkpoint/{self.stage}")
         torch.manual_seed(cfg.seed + self.rank)
-        self.step = 0
+        self.step = self.tokens_seen = 0
+        self.started = time.time()
         self.answer_chats: list[list[dict]] = []  # held-out chats for the answer accuracy (set by chat stages)
 
         self.model, self.tokenizer = self.build_model()  # also sets self.init_source
@@ -265,12 +267,16 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.step += 1
                 bar.update(1)
-                tokens_since_log += sum(batch["input_ids"].numel() for batch in batches) * self.world
+                step_tokens = sum(batch["input_ids"].numel() for batch in batches) * self.world
+                tokens_since_log += step_tokens
+                self.tokens_seen += step_tokens
 
                 if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                     dt = time.time() - t_log
                     record = {"loss": self.all_reduce_mean(loss.detach().float()), "lr": lr,
                               "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since_log / dt,
+                              "mfu": mfu(self.model.config, self.seq_len, tokens_since_log / dt, self.device,
+                                         self.dtype, self.world),
                               **{k: self.all_reduce_mean(v.detach().float()) for k, v in metrics.items()}}
                     self.write_metrics("train", record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
@@ -324,7 +330,7 @@ class Trainer:
     def write_metrics(self, split: str, record: dict):
         if not self.master:
             return
-        record = {"step": self.step, "split": split, "time": time.time(), **record}
+        record = {"step": self.step, "tokens": self.tokens_seen, "split": split, "time": time.time(), **record}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.out_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -335,12 +341,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def run_info(self) -> dict:
         return {"stage": self.stage, "step": self.step, "init_from": self.init_source,
-                "train_config": asdict(self.cfg)}
+                "train_config": asdict(self.cfg), "argv": sys.argv, "tokens_seen": self.tokens_seen,
+                "wall_time_s": time.time() - self.started, "peak_memory": peak_memory()}
 
     def train_state(self) -> dict:
         """Everything besides the weights that --resume needs to continue exactly."""
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "sampler": self.sampler.state_dict(), **self._rng_state()}
+                "sampler": self.sampler.state_dict(), "tokens_seen": self.tokens_seen,
+                "wall_time_s": time.time() - self.started, **self._rng_state()}
 
     def save(self):
         """Write the checkpoint (rank 0 only; the others wait so no rank runs ahead of a save)."""
@@ -380,6 +388,8 @@ class Trainer:
         rank_rng = state.get("rank_rng")
         self._set_rng_state(rank_rng[self.rank] if rank_rng and len(rank_rng) == self.world else state)
         self.sampler.load_state_dict(state["sampler"])
+        self.tokens_seen = state.get("tokens_seen", 0)
+        self.started -= state.get("wall_time_s", 0.0)  # wall time counts the interrupted run too
         self.log(f"resuming {self.stage} from step {self.step} in {self.out_dir}")
 
     def close(self):
@@ -408,6 +418,10 @@ def run_stage(trainer_cls, cfg: TrainConfig, model_overrides: dict | None = None
         trainer.log(f"saved {trainer.out_dir} at step {trainer.step}: "
                     + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         trainer.log(peak_memory())
+        if trainer.master:
+            from plots import write_curves  # matplotlib is slow to import: only once the run is done
+
+            trainer.log(write_curves(trainer.out_dir))
         return results
     except KeyboardInterrupt:
         sys.exit(130)

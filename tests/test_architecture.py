@@ -5,7 +5,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_SCRIPTS = {"train_pretrain", "train_sft", "train_lora", "train_dpo"}
-ENTRY_POINTS = TRAINING_SCRIPTS | {"demo", "bench", "serve", "bench_serve", "export"}
+ENTRY_POINTS = TRAINING_SCRIPTS | {"demo", "bench", "serve", "bench_serve", "export", "eval", "plot", "report"}
 
 
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import bench
+import flops
 from configs import ModelConfig
 from model import GPT
 from tests.helpers import TINY_MODEL
@@ -17,13 +18,13 @@ def test_flops_per_token_matches_a_hand_count():
     c = ModelConfig(vocab_size=320, **TINY_MODEL)  # dim 32, 2 layers, 2 heads of 16, 1 kv head, hidden 128
     per_layer = 32 * 32 + 32 * 16 + 32 * 16 + 32 * 32 + 3 * 32 * 128  # q, k, v, o, gate/up/down
     n = 2 * per_layer + 32 * 320  # + the output head (real vocabulary)
-    assert bench.matmul_params(c) == n == 40960
-    assert bench.train_flops_per_token(c, seq_len=32) == 6 * n + 12 * 2 * 32 * 32
+    assert flops.matmul_params(c) == n == 40960
+    assert flops.train_flops_per_token(c, seq_len=32) == 6 * n + 12 * 2 * 32 * 32
     # Independently: the model's own Linear weights, the head cut to the real vocabulary.
     model = GPT(c)
     linear = sum(m.weight.numel() for name, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and name != "lm_head")
-    assert bench.matmul_params(c) == linear + c.dim * c.vocab_size
+    assert flops.matmul_params(c) == linear + c.dim * c.vocab_size
 
 
 @pytest.mark.parametrize("part", ["pretrain", "sft", "dpo", "dpo_pre"])
@@ -37,11 +38,13 @@ def test_train_steps_match_hf_llama(part):
     assert losses[1][0] != pytest.approx(losses[0][0], abs=1e-6)  # the step changed the model
 
 
-def test_matvec_floor_and_fused_weights_cover_every_matmul():
-    model = GPT(ModelConfig(vocab_size=300, **TINY_MODEL))  # the head is padded to 320 rows
+@pytest.mark.parametrize("moe", [False, True])
+def test_matvec_floor_and_fused_weights_cover_every_matmul(moe):
+    # The head is padded to 320 rows; with MoE a token visits the shared and its top-k experts and the router.
+    model = GPT(ModelConfig(vocab_size=300, **TINY_MODEL, use_moe=moe))
     for fused in (False, True):
         mats = bench.weight_matrices(model, fused)
-        assert sum(w.numel() for w in mats) == bench.matmul_params(model.config) + 32 * (320 - 300)
+        assert sum(w.numel() for w in mats) == flops.matmul_params(model.config) + 32 * (320 - 300)
         bench.matvec_pass(model, 2, torch.device("cpu"), fused)()  # every input matches its matrix
 
 
