@@ -545,8 +545,8 @@ class PreferenceDataset(RowDataset):
         keep = np.clip(self.max_tokens - longest, 0, lengths[:, 0])  # prompt tokens kept (truncate_pair)
         fits = (keep[:, None] + first < self.max_tokens).all(1)  # each reply has a token among the labels
         if not skip_bad_rows and not fits.all():
-            line = self.rows.lines[3 * np.flatnonzero(~fits)[0]]
-            raise DataError(f"{where_prefix(source)}{line}: no reply token fits in {max_tokens} tokens; raise --seq_len")
+            where = f"{where_prefix(source)}{self.rows.lines[3 * np.flatnonzero(~fits)[0]]}"
+            raise DataError(f"{where}: no reply token fits in {max_tokens} tokens; raise --seq_len")
         self.index = np.flatnonzero(fits)
         self.n_skipped = self.rows.meta["skipped"] + int((~fits).sum())
         self.n_truncated = int(((keep < lengths[:, 0]) | (longest + keep > self.max_tokens))[fits].sum())
