@@ -1,6 +1,6 @@
 """Talk to a trained model: the reply streams token by token, and every session is saved as it goes.
 
-    python demo.py                                  # the newest checkpoint under checkpoint/
+    python demo.py                                  # the newest run under checkpoint/ (its best model)
     python demo.py --checkpoint checkpoint/sft --top_p 0.95 --system "You tell stories to children."
     python demo.py --prompt "Who is Lily?"          # answer one prompt and exit (for scripts)
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 import lora
-from checkpoint import latest_checkpoint, load_run_info
+from checkpoint import best_checkpoint, latest_checkpoint, load_run_info
 from configs import option, parse_args
 from devices import pick_compile, pick_device, pick_dtype
 from model import GPT
@@ -35,7 +35,8 @@ HELP = "commands: /reset forgets the conversation, /help shows this, exit or qui
 
 @dataclass
 class DemoConfig:
-    checkpoint: str | None = option("checkpoint directory; None = the newest under checkpoint/", default=None)
+    checkpoint: str | None = option("checkpoint directory; None = the newest run under checkpoint/ (its best/ if it "
+                                    "kept one)", default=None)
     mode: str = option("'chat' (ChatML, multi-turn), 'text' (continuation) or 'auto' (from the checkpoint's stage)",
                        default="auto")
     max_new_tokens: int = option("longest reply, in tokens", default=256)
@@ -182,7 +183,9 @@ class Demo:
             found = latest_checkpoint("checkpoint")
             if found is None:
                 raise FileNotFoundError(f"no checkpoint under checkpoint/; train one first: {TRAIN_FIRST}")
-            info(f"checkpoint: {found} (the newest under checkpoint/; --checkpoint DIR picks another)")
+            found = best_checkpoint(found)
+            info(f"checkpoint: {found} (the best model of the newest run under checkpoint/; --checkpoint DIR picks "
+                 f"another)")
         else:
             found = Path(cfg.checkpoint)
             info(f"checkpoint: {found}")
