@@ -185,9 +185,9 @@ def to_messages(record: dict, where: str) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- reading and caching records
-def where_of(source: str, number: int) -> str:
-    """How messages name a record: "file:line", or "<dataset>:row N" for an hf: source."""
-    return f"{source[3:]}:row {number}" if source.startswith("hf:") else f"{Path(source)}:{number}"
+def where_prefix(source: str) -> str:
+    """How messages name a record, less its number: "file:" (then the line), or "<dataset>:row " for hf:."""
+    return f"{source[3:]}:row " if source.startswith("hf:") else f"{Path(source)}:"
 
 
 def iter_records(source: str, on_error=None, hf_data_files: str = "",
@@ -223,12 +223,12 @@ def load_chats(source: str, skip_bad_rows: bool = False, hf_data_files: str = ""
     A malformed row raises a DataError naming its file and line (its row number for hf:), or with
     skip_bad_rows is skipped and counted: never dropped silently.
     """
-    reject, chats = BadRows(skip_bad_rows), []
+    reject, chats, where = BadRows(skip_bad_rows), [], where_prefix(source)
     for number, record in iter_records(source, reject, hf_data_files, hf_split):
         if len(chats) == limit:
             break
         try:
-            chats.append(to_messages(record, where_of(source, number)))
+            chats.append(to_messages(record, f"{where}{number}"))
         except DataError as e:
             reject(e)
     return chats, reject.count
@@ -243,13 +243,13 @@ def tokenized(source: str, tokenizer, kind: str, encode, skip_bad_rows: bool = F
     """
     directory = cache_dir(source, tokenizer, kind, hf_data_files, hf_split)
     if not is_complete(directory):
-        reject = BadRows(skip_bad_rows)
+        reject, where = BadRows(skip_bad_rows), where_prefix(source)
 
         def rows():
             for number, record in tqdm(iter_records(source, reject, hf_data_files, hf_split),
                                        desc=f"tokenising {source} (once)", unit=" rows", mininterval=5):
                 try:
-                    encoded = encode(tokenizer, record, where_of(source, number))
+                    encoded = encode(tokenizer, record, f"{where}{number}")
                 except DataError as e:
                     reject(e)
                     continue
@@ -548,8 +548,8 @@ class PreferenceDataset(RowDataset):
         keep = np.clip(self.max_tokens - longest, 0, lengths[:, 0])  # prompt tokens kept (truncate_pair)
         fits = (keep[:, None] + first < self.max_tokens).all(1)  # each reply has a token among the labels
         if not skip_bad_rows and not fits.all():
-            line = self.rows.lines[3 * np.flatnonzero(~fits)[0]]
-            raise DataError(f"{where_of(source, line)}: no reply token fits in {max_tokens} tokens; raise --seq_len")
+            where = f"{where_prefix(source)}{self.rows.lines[3 * np.flatnonzero(~fits)[0]]}"
+            raise DataError(f"{where}: no reply token fits in {max_tokens} tokens; raise --seq_len")
         self.index = np.flatnonzero(fits)
         self.n_skipped = self.rows.meta["skipped"] + int((~fits).sum())
         self.n_truncated = int(((keep < lengths[:, 0]) | (longest + keep > self.max_tokens))[fits].sum())

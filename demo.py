@@ -1,6 +1,6 @@
 """Talk to a trained model: the reply streams token by token, and every session is saved as it goes.
 
-    python demo.py                                  # the newest checkpoint under checkpoint/
+    python demo.py                                  # the newest run under checkpoint/ (its best model)
     python demo.py --checkpoint checkpoint/sft --top_p 0.95 --system "You tell stories to children."
     python demo.py --prompt "Who is Lily?"          # answer one prompt and exit (for scripts)
 
@@ -31,7 +31,8 @@ HELP = "commands: /reset forgets the conversation, /help shows this, exit or qui
 
 @dataclass
 class DemoConfig:
-    checkpoint: str | None = option("checkpoint directory; None = the newest under checkpoint/", default=None)
+    checkpoint: str | None = option("checkpoint directory; None = the newest run under checkpoint/ (its best/ if it "
+                                    "kept one)", default=None)
     model_type: str | None = option(f"a preset name ({', '.join(PRESETS)}), only checked against the checkpoint: "
                                     "a checkpoint directory carries its own shape (config.json) and tokenizer, so "
                                     "no preset is needed to load it, and a bare weights file without them cannot "

@@ -31,12 +31,12 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """bf16 on GPUs that support it, else fp16 (with a grad scaler); float32 on CPU and MPS.
 
     CPUs without bf16 instructions run bf16 autocast ~40x slower, and MPS has produced NaNs in half
-    precision, so those stay in float32 unless asked.
+    precision, so those stay in float32 unless asked. GPUs that only emulate bf16 (T4, V100) take fp16.
     """
     if name == "auto":
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from configs import option
-from dataset import DataError, PretrainDataset, load_chats, read_jsonl, where_of
+from dataset import DataError, PretrainDataset, load_chats, read_jsonl, where_prefix
 from prepare import iter_documents
 from storyworld import FACTS
 
@@ -164,7 +164,7 @@ def read_prompt_answers(path) -> tuple[list[str], list[str]]:
     """(prompts, answers) of a JSONL file of {"prompt": ..., "answer": ...} rows; errors name the file and line."""
     prompts, answers = [], []
     for line, row in read_jsonl(path):
-        where = where_of(str(path), line)
+        where = f"{where_prefix(str(path))}{line}"
         for field in ("prompt", "answer"):
             if not isinstance(row.get(field), str):
                 raise DataError(f"{where}: needs a string field '{field}' (a row is {{prompt, answer}})")
@@ -393,7 +393,7 @@ def read_choice_questions(source: str, limit: int = 0) -> list[ChoiceQuestion]:
         if path.suffix == ".csv":
             rows = _csv_rows(path)
         elif path.suffix in (".jsonl", ".json"):
-            rows = ((where_of(source, line), row) for line, row in read_jsonl(path))
+            rows = ((f"{where_prefix(source)}{line}", row) for line, row in read_jsonl(path))
         else:
             raise ValueError(f"{source}: unknown file type '{path.suffix}'; use .csv or .jsonl (or hf:NAME)")
         subject = re.sub(r"_(test|val|dev|train)$", "", path.stem)

@@ -57,7 +57,8 @@ def read_metrics(run_dir) -> dict[str, list[dict]]:
     by_step: dict[str, dict[int, dict]] = {"train": {}, "val": {}}
     for line, record in read_jsonl(path):
         if not isinstance(record.get("step"), int) or record.get("split") not in by_step:
-            raise ValueError(f"{path}:{line}: not a metrics record (needs an integer 'step' and split 'train' or 'val')")
+            raise ValueError(f"{path}:{line}: not a metrics record (needs an integer 'step' and split 'train' or "
+                             "'val')")
         by_step[record["split"]][record["step"]] = record
     return {split: [records[s] for s in sorted(records)] for split, records in by_step.items()}
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 import lora
-from checkpoint import latest_checkpoint, load_run_info
+from checkpoint import best_checkpoint, latest_checkpoint, load_run_info
 from hf import is_hf_model, resolve
 from model import GPT
 from tokenizer import HFTokenizer, Tokenizer, read_chat_template
@@ -77,14 +77,16 @@ def checkpoint_stage(directory) -> str | None:
 
 
 def find_checkpoint(checkpoint: str | None, log=print) -> Path:
-    """The checkpoint directory given, or else the newest under checkpoint/; says which on stderr."""
+    """The checkpoint directory given, or else the best model of the newest run under checkpoint/ (its best/ if
+    it kept one); says which through log."""
     if checkpoint is not None:
         log(f"checkpoint: {checkpoint}")
         return Path(checkpoint)
     found = latest_checkpoint("checkpoint")
     if found is None:
         raise FileNotFoundError(f"no checkpoint under checkpoint/; train one first: {TRAIN_FIRST}")
-    log(f"checkpoint: {found} (the newest under checkpoint/; --checkpoint DIR picks another)")
+    found = best_checkpoint(found)
+    log(f"checkpoint: {found} (the best model of the newest run under checkpoint/; --checkpoint DIR picks another)")
     return found
 
 

@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 import lora
 from checkpoint import (
+    best_checkpoint,
+    describe,
     latest_checkpoint,
     load_run_info,
     load_train_state,
@@ -61,6 +63,7 @@ class Trainer:
         torch.manual_seed(cfg.seed + self.rank)
         self.step = self.tokens_seen = 0
         self.started = time.time()
+        self.best: tuple[float, ...] | None = None  # the score (see score()) of the model in out_dir/best
         self.answer_chats: list[list[dict]] = []  # held-out chats for the answer accuracy (set by chat stages)
 
         self.model, self.tokenizer = self.build_model()  # also sets self.init_source
@@ -156,6 +159,13 @@ class Trainer:
         self.log(f"new {preset} model ({model.describe_size()})")
         return model, tokenizer
 
+    def start_dir(self, stages: tuple[str, ...]) -> Path:
+        """The checkpoint a fine-tuning stage starts from (find_init_dir), saying which it took."""
+        directory = find_init_dir(self.cfg.init_from, stages)
+        if not self.cfg.init_from:
+            self.log(f"starting from {describe(directory)}, the default (--init_from picks another)")
+        return directory
+
     def load_pretrained(self, directory) -> tuple[GPT, Tokenizer]:
         """Model (with any model-field overrides such as dropout) and tokenizer of a checkpoint or a Hugging Face
         model (pretrained.load_pretrained)."""
@@ -190,23 +200,30 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """compute_loss's loss and metrics averaged over the validation batches (val_loss, val_<metric>), and
-        the answer accuracy of greedy replies to answer_chats."""
+        """The loss on the train and the validation split (train_loss, val_loss, as nanoGPT's estimate_loss), the
+        stage's other metrics on the validation split (val_<metric>), and the answer accuracy of greedy replies
+        to answer_chats."""
+        train, val = self.mean_loss("train"), self.mean_loss("val")
+        results = {"train_loss": train["loss"]} if train else {}
+        results.update({f"val_{name}": value for name, value in val.items()})
+        if self.answer_chats:  # the same on every rank: no reduction needed
+            with self.autocast():
+                results.update(answer_accuracy(self.model, self.tokenizer, self.answer_chats,
+                                               self.cfg.max_new_tokens))
+        return results
+
+    def mean_loss(self, split: str) -> dict[str, float]:
+        """compute_loss's loss and metrics averaged over the rows of eval_batches(split)."""
         totals: dict[str, torch.Tensor] = {}
         rows = 0
-        for batch in self.eval_batches("val"):
+        for batch in self.eval_batches(split):
             with self.autocast():
                 loss, metrics = self.compute_loss(self.model, batch)
             n = len(batch["input_ids"])
             for name, value in {"loss": loss, **metrics}.items():
                 totals[name] = totals.get(name, 0) + value.detach().float() * n
             rows += n
-        results = {f"val_{name}": self.all_reduce_mean(total / rows) for name, total in totals.items()}
-        if self.answer_chats:  # the same on every rank: no reduction needed
-            with self.autocast():
-                results.update(answer_accuracy(self.model, self.tokenizer, self.answer_chats,
-                                               self.cfg.max_new_tokens))
-        return results
+        return {name: self.all_reduce_mean(total / rows) for name, total in totals.items()}
 
     # ------------------------------------------------------------------ helpers for the stages
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -253,9 +270,14 @@ class Trainer:
                                                            cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
                 # One scalar read per step: a NaN/inf loss or gradient must not reach the weights.
                 if not (torch.isfinite(grad_norm) & loss_finite).item():
-                    bad_steps += 1
                     self.optimizer.zero_grad(set_to_none=True)
-                    self.scaler.update()
+                    scale = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
+                    self.scaler.update()  # with fp16: a lower loss scale for the next step
+                    if loss_finite.item() and scale > 1:
+                        # fp16's gradient scaler finding its scale: gradients that overflowed at this scale are
+                        # what it halves on, not a sign of divergence (GradScaler skips such steps by design).
+                        continue
+                    bad_steps += 1
                     self.log(f"step {self.step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
                     if bad_steps >= 10:
                         raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {self.step}; stopping. "
@@ -321,11 +343,22 @@ class Trainer:
         return loss, metrics
 
     def run_eval(self) -> dict[str, float]:
+        """Evaluate, log, and keep the model in out_dir/best if it is the best of the run so far."""
         self.model.eval()
         results = self.evaluate()
         self.write_metrics("val", results)
         self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
+        score = self.score(results)
+        if self.step > 0 and score and (self.best is None or score > self.best):  # step 0: the untrained start
+            self.best = score
+            if self.master:
+                self.write_checkpoint(self.out_dir / "best", {**self.run_info(), "metrics": results})
         return results
+
+    def score(self, results: dict[str, float]) -> tuple[float, ...]:
+        """How evaluations rank for out_dir/best, higher is better: by answer accuracy where the stage measures
+        it, then by validation loss."""
+        return tuple(x for x in (results.get("answer_acc"), -results.get("val_loss", math.nan)) if x == x)  # not nan
 
     def write_metrics(self, split: str, record: dict):
         if not self.master:
@@ -348,7 +381,7 @@ class Trainer:
         """Everything besides the weights that --resume needs to continue exactly."""
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "sampler": self.sampler.state_dict(), "tokens_seen": self.tokens_seen,
-                "wall_time_s": time.time() - self.started, **self._rng_state()}
+                "wall_time_s": time.time() - self.started, "best": self.best, **self._rng_state()}
 
     def save(self):
         """Write the checkpoint (rank 0 only; the others wait so no rank runs ahead of a save)."""
@@ -360,13 +393,13 @@ class Trainer:
             state = self.train_state()
             if rank_rng is not None:
                 state["rank_rng"] = rank_rng
-            self.write_checkpoint(state)
+            self.write_checkpoint(self.out_dir, self.run_info(), state)
         if self.ddp:
             dist.barrier()
 
-    def write_checkpoint(self, train_state: dict):
-        """Write out_dir (on rank 0): the full model; a LoRA stage writes only its adapters."""
-        save_checkpoint(self.out_dir, self.model, self.tokenizer, self.run_info(), train_state)
+    def write_checkpoint(self, directory, run_info: dict, train_state: dict | None = None):
+        """Write a checkpoint of the model (rank 0 only): the full model; a LoRA stage writes only its adapters."""
+        save_checkpoint(directory, self.model, self.tokenizer, run_info, train_state)
 
     def _rng_state(self) -> dict:
         state = {"cpu_rng": torch.get_rng_state()}
@@ -390,6 +423,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.tokens_seen = state.get("tokens_seen", 0)
         self.started -= state.get("wall_time_s", 0.0)  # wall time counts the interrupted run too
+        self.best = tuple(state["best"]) if state.get("best") else None
         self.log(f"resuming {self.stage} from step {self.step} in {self.out_dir}")
 
     def close(self):
@@ -430,14 +464,15 @@ def run_stage(trainer_cls, cfg: TrainConfig, model_overrides: dict | None = None
 
 
 def find_init_dir(init_from: str, stages: tuple[str, ...]) -> Path:
-    """The checkpoint to fine-tune: init_from if given, else checkpoint/<stage> for the first of `stages`
-    that has one (e.g. the SFT model if there is one, else the pretrained one)."""
+    """The checkpoint to fine-tune: init_from if given, else the best model kept in checkpoint/<stage>/best (or
+    the run's last, if it kept none) for the first of `stages` that has one (e.g. the SFT model if there is one,
+    else the pretrained one)."""
     if init_from:
         return resolve(init_from)  # hf:ORG/NAME: its downloaded snapshot
     for stage in stages:
         found = latest_checkpoint("checkpoint", (stage,))
         if found is not None:
-            return found
+            return best_checkpoint(found)
     raise FileNotFoundError(f"no {' or '.join(stages)} checkpoint under checkpoint/: run "
                             f"`python train_{stages[-1]}.py` first, or pass --init_from DIR")
 
@@ -474,7 +509,7 @@ class SFTTrainer(Trainer):
         if self.cfg.resume:
             self.init_source = load_run_info(self.out_dir)["init_from"]
             return self.load_pretrained(self.out_dir)
-        self.init_source = str(find_init_dir(self.cfg.init_from, self.init_stages))
+        self.init_source = str(self.start_dir(self.init_stages))
         return self.load_pretrained(self.init_source)
 
     def build_data(self):
@@ -560,11 +595,11 @@ class LoRAMixin:
                  f"{counts['total']:,} parameters ({100 * counts['trainable'] / counts['total']:.2f}%)")
         return model, tokenizer
 
-    def write_checkpoint(self, train_state: dict):
+    def write_checkpoint(self, directory, run_info: dict, train_state: dict | None = None):
         if not self.uses_lora:
-            return super().write_checkpoint(train_state)
-        lora.save_lora_checkpoint(self.out_dir, self.model, self.tokenizer, self.init_source, self.lora_settings,
-                                  self.run_info(), train_state)
+            return super().write_checkpoint(directory, run_info, train_state)
+        lora.save_lora_checkpoint(directory, self.model, self.tokenizer, self.init_source, self.lora_settings,
+                                  run_info, train_state)
 
 
 class LoRATrainer(LoRAMixin, SFTTrainer):
@@ -574,7 +609,7 @@ class LoRATrainer(LoRAMixin, SFTTrainer):
     init_stages = ("sft", "pretrain")
 
     def build_model(self) -> tuple[GPT, Tokenizer]:
-        return self.build_lora_model(None if self.cfg.resume else find_init_dir(self.cfg.init_from, self.init_stages))
+        return self.build_lora_model(None if self.cfg.resume else self.start_dir(self.init_stages))
 
 
 class DPOTrainer(LoRAMixin, Trainer):
@@ -601,7 +636,7 @@ class DPOTrainer(LoRAMixin, Trainer):
         """The policy: the checkpoint to align (or out_dir's when resuming). The reference is always the
         starting checkpoint, which run.json records so that --resume rebuilds the same reference."""
         if self.cfg.lora:
-            start = None if self.cfg.resume else str(find_init_dir(self.cfg.init_from, ("sft",)))
+            start = None if self.cfg.resume else str(self.start_dir(("sft",)))
             if start and lora.is_adapter_dir(start):
                 raise ValueError(f"{start} holds LoRA adapters, and --lora needs a full checkpoint as its base: "
                                  f"fold them in first (python train_lora.py --out_dir {start} --export_merged DIR) "
@@ -613,7 +648,7 @@ class DPOTrainer(LoRAMixin, Trainer):
             model, tokenizer = self.load_pretrained(self.out_dir)
             self.reference = self.load_start(self.init_source)[0].requires_grad_(False)
         else:
-            self.init_source = str(find_init_dir(self.cfg.init_from, ("sft",)))
+            self.init_source = str(self.start_dir(("sft",)))
             model, tokenizer = self.load_start(self.init_source)
             # Precomputing reads the untrained policy itself; otherwise training needs a copy that stays put.
             self.reference = model if self.cfg.precompute_ref else copy.deepcopy(model).requires_grad_(False)
@@ -679,11 +714,13 @@ class DPOTrainer(LoRAMixin, Trainer):
                           disable=not self.master, file=sys.stdout, leave=False):
             indices = range(start, min(start + self.cfg.batch_size, len(dataset)))
             batch = self.to_device(dataset.batch(indices))
-            out.append(self._reference_logps(batch).float().cpu().view(2, -1).T)
+            with self.autocast():
+                out.append(self._reference_logps(batch).float().cpu().view(2, -1).T)
         return torch.cat(out)
 
     def _reference_logps(self, batch) -> torch.Tensor:
-        with torch.no_grad(), self.autocast(), self.reference_model() as reference:
+        """The reference's log-probabilities of a batch, in the caller's autocast region (compute_loss's)."""
+        with torch.no_grad(), self.reference_model() as reference:
             return sequence_logps(reference(batch["input_ids"]), batch["labels"], batch["loss_mask"])
 
     def compute_loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

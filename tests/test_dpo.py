@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 from collections import defaultdict
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,7 +20,7 @@ from evals import answer_accuracy
 from loss import DPOLoss, sequence_logps
 from model import GPT
 from tests.helpers import TINY_MODEL, make_chats, make_checkpoint, write_jsonl
-from trainers import DPOTrainer
+from trainers import DPOTrainer, Trainer
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -397,3 +398,31 @@ def test_evaluate_reports_the_answer_accuracy_before_and_after(dpo_setup, tokeni
     records = [json.loads(line) for line in (dpo_setup / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "answer_acc" in r] == [0, 2]  # before and after DPO
     assert "answer_acc" not in str(make_dpo(dpo_setup).evaluate())  # eval_samples=0: off
+
+
+@pytest.mark.parametrize("precompute_ref", [False, True])
+def test_autocast_is_entered_once_per_region_and_off_outside_it(dpo_setup, monkeypatch, precompute_ref):
+    """Entering one autocast object again while it is active leaves autocast on after both exit (for backward
+    and the optimizer step too): the reference's forward must run in compute_loss's region, not open its own."""
+    depth, regions, steps = [0], [], []
+    original = Trainer.autocast
+
+    @contextmanager
+    def counted(self):
+        depth[0] += 1
+        regions.append(depth[0])
+        try:
+            with original(self):
+                yield
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(Trainer, "autocast", counted)
+    trainer = make_dpo(dpo_setup, dtype="bfloat16", max_steps=2, eval_interval=1, eval_iters=1, eval_samples=2,
+                       eval_chats=str(write_jsonl(dpo_setup / "chats.jsonl", make_chats(2, 0))),
+                       precompute_ref=precompute_ref)
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: steps.append(torch.is_autocast_enabled("cpu")) or step(*a, **k)
+    trainer.train()
+    assert len(regions) > 6 and set(regions) == {1}  # never nested
+    assert steps == [False, False] and not torch.is_autocast_enabled("cpu")

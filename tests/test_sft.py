@@ -18,7 +18,7 @@ from dataset import DataError, RowSampler, SFTDataset, format_mask, load_chats, 
 from evals import answer_accuracy, greedy_replies
 from loss import lm_loss
 from model import GPT
-from tests.helpers import SFT_MODEL, crash_during_step, make_chats, write_jsonl
+from tests.helpers import SFT_MODEL, crash_during_step, make_chats, make_checkpoint, write_jsonl
 from tokenizer import IM_END
 from trainers import SFTTrainer
 
@@ -251,6 +251,9 @@ def test_sft_learns_the_replies_and_resumes_exactly(sft_dirs):
     after = trainer.train()
     assert after["val_loss"] < before["val_loss"] - 1.0, (before, after)
     assert after["answer_acc"] > before["answer_acc"], (before, after)
+    assert after["train_loss"] < before["train_loss"] - 1.0, (before, after)
+    best = checkpoint.load_run_info(sft_dirs / "sft" / "best")  # the one evaluation after step 0: the last
+    assert best["step"] == 40 and best["metrics"] == pytest.approx(after, nan_ok=True)
     assert checkpoint.load_run_info(sft_dirs / "sft")["init_from"] == str(sft_dirs / "pretrain")
 
     def packed_run(out, **kw):  # packed batches: the sampler position is not a multiple of batch_size
@@ -264,6 +267,24 @@ def test_sft_learns_the_replies_and_resumes_exactly(sft_dirs):
     resumed = packed_run("resumed", resume=True)
     assert resumed.step == 6
     assert resumed.train()["val_loss"] == pytest.approx(whole["val_loss"], abs=1e-6)
+
+
+def test_best_is_by_answer_accuracy_then_loss_and_the_next_stage_starts_from_it(sft_dirs, tokenizer, monkeypatch,
+                                                                               capsys):
+    monkeypatch.chdir(sft_dirs)
+    make_checkpoint(sft_dirs / "checkpoint" / "pretrain", tokenizer, "pretrain")  # the last model of the run
+    best = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **SFT_MODEL))  # another one: its best
+    checkpoint.save_checkpoint(sft_dirs / "checkpoint" / "pretrain" / "best", best, tokenizer,
+                               {"stage": "pretrain", "step": 7, "metrics": {"val_loss": 1.5}})
+    trainer = SFTTrainer(sft_config(sft_dirs, init_from=""), {})
+    assert trainer.init_source == "checkpoint/pretrain/best"
+    assert ("starting from checkpoint/pretrain/best (step 7: val_loss 1.5000), the default (--init_from picks "
+            "another)") in capsys.readouterr().out
+    assert all(torch.equal(v, best.state_dict()[k]) for k, v in trainer.model.state_dict().items())
+    score = trainer.score
+    assert score({"answer_acc": 0.5, "val_loss": 2.0}) > score({"answer_acc": 0.4, "val_loss": 1.0})
+    assert score({"answer_acc": 0.5, "val_loss": 1.0}) > score({"answer_acc": 0.5, "val_loss": 2.0})
+    assert score({"val_loss": 1.0}) > score({"val_loss": 2.0})
 
 
 def test_missing_pretrain_checkpoint_is_a_clear_error(sft_dirs, monkeypatch):

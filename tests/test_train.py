@@ -1,6 +1,7 @@
 """The training loop, checkpoints and resume, on a tiny model and data set."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -76,6 +77,66 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(data_dir, tmp_path, mo
     assert checkpoint.load_run_info(out)["step"] == 1
 
 
+def test_a_best_checkpoint_inside_survives_a_crash_anywhere_in_a_save(tmp_path, tokenizer, monkeypatch):
+    out = tmp_path / "ckpt"
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **TINY_MODEL))
+    checkpoint.save_checkpoint(out, model, tokenizer, {"step": 1})
+    checkpoint.save_checkpoint(out / "best", model, tokenizer, {"step": 1})
+    rename = os.replace
+    # The latest's save renames best/ into the new directory, the old directory away, the new one in; best's own
+    # save renames the old best away and the new one in. A crash before each of them:
+    for directory, crash_at in [(out, 0), (out, 1), (out, 2), (out / "best", 0), (out / "best", 1)]:
+        calls = []
+
+        def crashing_rename(src, dst, calls=calls, crash_at=crash_at):
+            if os.path.isdir(src):  # (files are written by a rename too)
+                calls.append(dst)
+                if len(calls) > crash_at:
+                    raise OSError("crash")
+            rename(src, dst)
+
+        monkeypatch.setattr(os, "replace", crashing_rename)
+        with pytest.raises(OSError, match="crash"):
+            checkpoint.save_checkpoint(directory, model, tokenizer, {"step": 2})
+        monkeypatch.setattr(os, "replace", rename)
+        best = checkpoint.best_checkpoint(out)  # the next run's look for the best model puts everything back
+        assert best == out / "best" and checkpoint.load_run_info(best)["step"] == 1, (directory, crash_at)
+        assert checkpoint.load_run_info(out)["step"] == 1 and len(calls) == crash_at + 1
+    checkpoint.save_checkpoint(out, model, tokenizer, {"step": 3})  # and the next save keeps it
+    assert checkpoint.load_run_info(out / "best")["step"] == 1 and checkpoint.load_run_info(out)["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (out / "best" / checkpoint.WEIGHTS).exists()
+
+
+def test_the_run_keeps_its_best_model_across_saves_and_a_resume(data_dir, tmp_path):
+    val_losses = {4: 3.0, 8: 2.0, 12: 2.5, 16: 2.2}  # as if the validation loss rose after step 8
+    weights = {}
+
+    def make(**train):
+        trainer = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT, eval_interval=4, **train)
+        mean_loss = trainer.mean_loss
+
+        def scripted(split):
+            result = mean_loss(split)
+            if split == "val" and trainer.step in val_losses:
+                weights[trainer.step] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+                result["loss"] = val_losses[trainer.step]
+            return result
+
+        trainer.mean_loss = scripted
+        return trainer
+
+    crashing = make()
+    crash_during_step(crashing, 11, RuntimeError("simulated crash"))  # after the best (step 8) and a save
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.train()
+    make(resume=True).train()  # must remember that step 8's 2.0 is the best: 2.5 and 2.2 are not
+    info = checkpoint.load_run_info(tmp_path / "ckpt" / "best")
+    assert info["step"] == 8 and info["metrics"]["val_loss"] == 2.0 and "train_loss" in info["metrics"]
+    assert checkpoint.load_run_info(tmp_path / "ckpt")["step"] == 16
+    best = GPT.from_pretrained(checkpoint.best_checkpoint(tmp_path / "ckpt")).state_dict()
+    assert all(torch.equal(best[k], weights[8][k]) for k in best)
+
+
 def test_checkpoint_round_trip_and_mismatch_errors(tmp_path, tokenizer):
     model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **TINY_MODEL)).eval()
     checkpoint.save_checkpoint(tmp_path / "c", model, tokenizer, {"step": 0})
@@ -109,3 +170,43 @@ def test_missing_data_is_one_line_error(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in result.stderr
+
+
+class OverflowAboveScale(torch.autograd.Function):
+    """Identity on the loss whose gradient overflows (inf) while the fp16 loss scale is above 2**4."""
+
+    @staticmethod
+    def forward(ctx, loss, scale):
+        ctx.overflow = scale > 2**4
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf") if ctx.overflow else grad, None
+
+
+def test_grad_scaler_calibration_is_not_counted_as_divergence(data_dir, tmp_path):
+    """fp16's GradScaler starts at 2**16 and halves on overflowing gradients: 12 such skipped steps here, more than
+    the 10 non-finite steps that stop a run, which must not stop it. A non-finite loss still counts."""
+    expected = make_trainer(data_dir, tmp_path / "plain", max_steps=4)
+    expected.sampler.position = 12  # the batches of the skipped steps are drawn and dropped
+    expected.train()
+    trainer = make_trainer(data_dir, tmp_path / "scaled", max_steps=4)
+    trainer.scaler = torch.amp.GradScaler("cpu")  # as with --dtype float16, on float32 arithmetic
+    compute_loss = trainer.compute_loss
+
+    def overflowing(model, batch):
+        loss, metrics = compute_loss(model, batch)
+        return OverflowAboveScale.apply(loss, trainer.scaler.get_scale()), metrics
+
+    trainer.compute_loss = overflowing
+    trainer.train()
+    assert trainer.step == 4 and trainer.scaler.get_scale() == 2**4
+    a, b = expected.model.state_dict(), trainer.model.state_dict()  # scaling by powers of 2 is exact
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    nan_loss = make_trainer(data_dir, tmp_path / "nan", max_steps=4)
+    nan_loss.scaler = torch.amp.GradScaler("cpu")
+    nan_loss.compute_loss = lambda model, batch: (compute_loss(model, batch)[0] * float("nan"), {})
+    with pytest.raises(RuntimeError, match="10 non-finite steps in a row"):
+        nan_loss.train()
