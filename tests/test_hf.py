@@ -13,6 +13,7 @@ import bench
 import checkpoint
 import demo
 import export
+import flops
 import hf
 import lora
 from configs import LORA_TARGETS, DPOConfig, ModelConfig, SFTConfig, parse_train_args
@@ -82,7 +83,7 @@ def test_training_steps_match_transformers_in_bench(hf_dirs, family):
     for _ in range(2):
         ours, theirs = (r.train_step("sft", batch).item() for r in runners.values())
         assert ours == pytest.approx(theirs, abs=1e-5)
-    assert bench.matmul_params(runners["ours"].model.config) == sum(
+    assert flops.matmul_params(runners["ours"].model.config) == sum(
         w.numel() for w in bench.weight_matrices(runners["ours"].model, fused=True)) - 32 * (
         runners["ours"].model.lm_head.weight.shape[0] - cfg.vocab_size)
 
