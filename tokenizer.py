@@ -12,6 +12,7 @@ store the tokenizer as `tokenizer.tiktoken` + `tokenizer_config.json`.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 from collections.abc import Iterable
@@ -181,6 +182,16 @@ class Tokenizer:
             return cls(*args)
         except (ValueError, TypeError) as e:
             raise ValueError(f"broken tokenizer files in {directory}: {e}") from None
+
+    def fingerprint(self) -> bytes:
+        """A digest of what decides the ids: the split pattern, merge ranks and special tokens. Two tokenizers
+        with the same fingerprint turn every text into the same ids."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.pat_str.encode())
+        h.update(json.dumps(self.special_ids, sort_keys=True).encode())
+        for token, rank in self.mergeable_ranks.items():
+            h.update(len(token).to_bytes(2, "little") + token + rank.to_bytes(4, "little"))
+        return h.digest()
 
     # ---- encoding ----
 
