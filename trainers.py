@@ -15,7 +15,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -40,11 +42,51 @@ from configs import SFTConfig, TrainConfig, exit_on_bad_input, get_config
 from dataset import PreferenceDataset, PretrainDataset, SFTDataset, format_mask, load_chats, shift_chat
 from devices import EagerFallback, autocast, peak_memory, pick_compile, pick_device, pick_dtype
 from evals import answer_accuracy
+from fileio import data_file, writable_dir
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
 from moe import collect_moe_stats
 from prepare import data_path
 from tokenizer import Tokenizer
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (`kill`, job schedulers), raised in the training loop like Ctrl-C so that it saves the same way."""
+
+
+@contextmanager
+def sigterm_stops_training():
+    """While training, SIGTERM raises Stopped (only the main thread can handle signals; elsewhere it does not)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def check_out_dir(out_dir: Path, stage: str, resume: bool, overwrite: bool) -> None:
+    """A fresh run never replaces a checkpoint unasked, --resume needs one of its stage, and out_dir must be
+    writable: one-line errors, before anything is loaded."""
+    try:
+        saved = load_run_info(out_dir)
+    except FileNotFoundError:
+        saved = None
+    if resume and saved is None:
+        raise FileNotFoundError(f"--resume: {out_dir} holds no checkpoint to continue; leave out --resume to start "
+                                f"a run there")
+    if resume and saved.get("stage", stage) != stage:
+        raise ValueError(f"--resume: {out_dir} holds a {saved['stage']} checkpoint, not a {stage} one")
+    if saved is not None and not resume and not overwrite:
+        raise ValueError(f"{out_dir} already holds a {saved.get('stage', '')} checkpoint (step {saved.get('step')}): "
+                         f"pass --resume to continue it, --overwrite to replace it, or another --out_dir")
+    writable_dir(out_dir, "--out_dir")
 
 
 class Trainer:
@@ -53,18 +95,23 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model_overrides: dict | None = None):
         self.cfg = cfg
         self.model_overrides = model_overrides or {}
+        self.out_dir = Path(cfg.out_dir or f"checkpoint/{self.stage}")
+        check_out_dir(self.out_dir, self.stage, cfg.resume, cfg.overwrite)
         self._setup_distributed()
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.out_dir = Path(cfg.out_dir or f"checkpoint/{self.stage}")
         torch.manual_seed(cfg.seed + self.rank)
         self.step = 0
+        self.metrics_bytes = 0  # the length of metrics.jsonl that belongs to this run (resume: at its save)
         self.answer_chats: list[list[dict]] = []  # held-out chats for the answer accuracy (set by chat stages)
 
         self.model, self.tokenizer = self.build_model()  # also sets self.init_source
         self.model.to(self.device)
         self.model.grad_checkpoint = cfg.grad_checkpoint
         self.seq_len = cfg.seq_len or self.model.config.max_seq_len
+        if self.seq_len > self.model.config.max_seq_len:
+            raise ValueError(f"--seq_len {self.seq_len} is longer than the model's context (max_seq_len "
+                             f"{self.model.config.max_seq_len})")
         self.build_data()
         if cfg.epochs > 0:
             global_batch = cfg.batch_size * cfg.grad_accum * self.world
@@ -140,10 +187,17 @@ class Trainer:
         """Pretraining: a fresh model of the preset, shaped for the data's tokenizer (or the checkpoint
         in init_from / out_dir when resuming). Sets init_source, the checkpoint the run started from."""
         self.init_source = self.cfg.init_from
+        data_tokenizer = Tokenizer.from_pretrained(data_path(self.cfg.data_dir))
         source = self.out_dir if self.cfg.resume else self.cfg.init_from
         if source:
-            return self.load_pretrained(source)
-        tokenizer = Tokenizer.from_pretrained(data_path(self.cfg.data_dir))
+            model, tokenizer = self.load_pretrained(source)
+            if tokenizer.fingerprint() != data_tokenizer.fingerprint():
+                raise ValueError(f"{self.cfg.data_dir} was tokenised by another tokenizer ({data_tokenizer.name}) than "
+                                 f"the one {source} was trained with ({tokenizer.name}): its ids would be other "
+                                 f"text to the model. Prepare the data with that tokenizer (python prepare.py "
+                                 f"--tokenizer {source} ...) or start a fresh run")
+            return model, tokenizer
+        tokenizer = data_tokenizer
         preset = self.cfg.preset
         if preset == "auto":
             preset = "tiny" if self.device.type == "cpu" else "minimind2-small"
@@ -229,63 +283,70 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
+        """Train to max_steps: evaluate at step 0 and every eval_interval steps, save every save_interval steps
+        and at the end. Ctrl-C or SIGTERM saves first, so that --resume continues from there."""
         cfg = self.cfg
+        self.start_metrics()
         t_log, tokens_since_log = time.time(), 0
         bad_steps = 0
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.master, desc=self.stage,
                    dynamic_ncols=True, file=sys.stdout)
         try:
-            while self.step < cfg.max_steps:
-                if self.step % cfg.eval_interval == 0:
-                    self.run_eval()
-                lr = self.lr_at(self.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+            with sigterm_stops_training():
+                if self.step == 0:
+                    results = self.run_eval()
+                while self.step < cfg.max_steps:
+                    lr = self.lr_at(self.step)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
 
-                self.model.train()
-                batches = [self.next_batch() for _ in range(cfg.grad_accum)]
-                loss, metrics, loss_finite = self.run_step(batches)
+                    self.model.train()
+                    batches = [self.next_batch() for _ in range(cfg.grad_accum)]
+                    loss, metrics, loss_finite = self.run_step(batches)
 
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                           cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                # One scalar read per step: a NaN/inf loss or gradient must not reach the weights.
-                if not (torch.isfinite(grad_norm) & loss_finite).item():
-                    bad_steps += 1
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.scaler.unscale_(self.optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                               cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                    # One scalar read per step: a NaN/inf loss or gradient must not reach the weights.
+                    if not (torch.isfinite(grad_norm) & loss_finite).item():
+                        bad_steps += 1
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.scaler.update()
+                        self.log(f"step {self.step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+                        if bad_steps >= 10:
+                            raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {self.step}; stopping. "
+                                               f"The last good checkpoint in {self.out_dir} is kept; try a lower --lr")
+                        continue
+                    bad_steps = 0
+                    self.scaler.step(self.optimizer)
                     self.scaler.update()
-                    self.log(f"step {self.step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-                    if bad_steps >= 10:
-                        raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {self.step}; stopping. "
-                                           f"The last good checkpoint in {self.out_dir} is kept; try a lower --lr")
-                    continue
-                bad_steps = 0
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                bar.update(1)
-                tokens_since_log += sum(batch["input_ids"].numel() for batch in batches) * self.world
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    bar.update(1)
+                    tokens_since_log += sum(batch["input_ids"].numel() for batch in batches) * self.world
 
-                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                    dt = time.time() - t_log
-                    record = {"loss": self.all_reduce_mean(loss.detach().float()), "lr": lr,
-                              "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since_log / dt,
-                              **{k: self.all_reduce_mean(v.detach().float()) for k, v in metrics.items()}}
-                    self.write_metrics("train", record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
-                    t_log, tokens_since_log = time.time(), 0
-                if self.step % cfg.save_interval == 0 and self.step < cfg.max_steps:
-                    self.save()
-        except KeyboardInterrupt:
+                    last = self.step == cfg.max_steps
+                    if self.step % cfg.log_interval == 0 or last:
+                        dt = time.time() - t_log
+                        record = {"loss": self.all_reduce_mean(loss.detach().float()), "lr": lr,
+                                  "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since_log / dt,
+                                  **{k: self.all_reduce_mean(v.detach().float()) for k, v in metrics.items()}}
+                        self.write_metrics("train", record)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
+                                        tok_s=f"{record['tokens_per_s']:.0f}")
+                        t_log, tokens_since_log = time.time(), 0
+                    # Evaluate before saving, so a checkpoint's metrics.jsonl has its step's evaluation.
+                    if self.step % cfg.eval_interval == 0 or last:
+                        results = self.run_eval()
+                    if self.step % cfg.save_interval == 0 or last:
+                        self.save()
+        except KeyboardInterrupt as e:
             bar.close()
-            self.log(f"interrupted at step {self.step}: saving so that --resume continues from here")
+            self.log(f"{'SIGTERM' if isinstance(e, Stopped) else 'interrupted'} at step {self.step}: saving so that "
+                     f"--resume continues from here")
             self.save()
             raise
         bar.close()
-        results = self.run_eval()
-        self.save()
         return results
 
     def accumulate(self, model, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
@@ -321,6 +382,13 @@ class Trainer:
         self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         return results
 
+    def start_metrics(self):
+        """metrics.jsonl holds one run: a fresh run starts it empty, a resumed one cuts it back to where its
+        checkpoint was saved (a crash since may have logged steps that are now trained again)."""
+        path = self.out_dir / "metrics.jsonl"
+        if self.master and path.exists() and path.stat().st_size > self.metrics_bytes:
+            os.truncate(path, self.metrics_bytes)
+
     def write_metrics(self, split: str, record: dict):
         if not self.master:
             return
@@ -339,8 +407,10 @@ class Trainer:
 
     def train_state(self) -> dict:
         """Everything besides the weights that --resume needs to continue exactly."""
+        metrics = self.out_dir / "metrics.jsonl"
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                "sampler": self.sampler.state_dict(), **self._rng_state()}
+                "sampler": self.sampler.state_dict(), **self._rng_state(),
+                "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
 
     def save(self):
         """Write the checkpoint (rank 0 only; the others wait so no rank runs ahead of a save)."""
@@ -375,6 +445,10 @@ class Trainer:
         """Restore optimizer, scaler, RNG and data position from out_dir (the weights came in build_model)."""
         state = load_train_state(self.out_dir)
         self.step = state["step"]
+        if self.step >= self.cfg.max_steps:
+            raise ValueError(f"--resume: {self.out_dir} is at step {self.step} already, and --max_steps is "
+                             f"{self.cfg.max_steps}: raise --max_steps to train on")
+        self.metrics_bytes = state.get("metrics_bytes", math.inf)  # checkpoints of older versions: keep it all
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         rank_rng = state.get("rank_rng")
@@ -409,6 +483,8 @@ def run_stage(trainer_cls, cfg: TrainConfig, model_overrides: dict | None = None
                     + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         trainer.log(peak_memory())
         return results
+    except Stopped:
+        sys.exit(128 + signal.SIGTERM)  # the shell's status for a process that SIGTERM ended
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
@@ -439,6 +515,14 @@ def load_answer_chats(cfg, given: str, log) -> list[list[dict]]:
     return chats
 
 
+def check_files(*sources: str | None) -> None:
+    """Every data file named exists (hf: sources and None aside): checked before the first is tokenised, which
+    can take minutes."""
+    for source in sources:
+        if source and not source.startswith("hf:"):
+            data_file(source)
+
+
 def chat_source(cfg, name: str, given: str) -> str | None:
     """The data of a --sft_data style flag: `given`, or '' = <data_dir>/<name>, or 'none' = none."""
     if given == "none":
@@ -465,18 +549,16 @@ class SFTTrainer(Trainer):
 
     def build_data(self):
         cfg = self.cfg
-        if self.seq_len > self.model.config.max_seq_len:
-            raise ValueError(f"seq_len {self.seq_len} is longer than the model's max_seq_len "
-                             f"{self.model.config.max_seq_len}")
         train_source = chat_source(cfg, "sft_train.jsonl", cfg.sft_data)
         if train_source is None:
             raise ValueError("--sft_data none: there must be training chats")
+        val_source = chat_source(cfg, "sft_val.jsonl", cfg.sft_val_data)
+        check_files(train_source, val_source)
         with self.rank_zero_first():  # rank 0 tokenises into the cache, the others then read it
             self.train_data = SFTDataset(train_source, self.tokenizer, self.seq_len, cfg.drop_long,
                                          **cfg.read_options())
         self.log(f"{train_source}: {self.train_data.summary()}")
         self.sampler = self.train_data.sampler(cfg.seed, self.rank, self.world)
-        val_source = chat_source(cfg, "sft_val.jsonl", cfg.sft_val_data)
         self.val_data = None
         if val_source:
             with self.rank_zero_first():
@@ -622,9 +704,11 @@ class DPOTrainer(LoRAMixin, Trainer):
     def build_data(self):
         """The pairs, and the reference on the device (precomputing its log-probabilities if asked)."""
         cfg = self.cfg
+        sources = {split: chat_source(cfg, f"dpo_{split}.jsonl", given)
+                   for split, given in (("train", cfg.train_file), ("val", cfg.val_file))}
+        check_files(*sources.values(), chat_source(cfg, "sft_val.jsonl", cfg.eval_chats) if cfg.eval_samples else None)
         data = {}
-        for split, given in (("train", cfg.train_file), ("val", cfg.val_file)):
-            source = chat_source(cfg, f"dpo_{split}.jsonl", given)
+        for split, source in sources.items():
             with self.rank_zero_first():  # rank 0 tokenises into the cache, the others then read it
                 data[split] = PreferenceDataset(source, self.tokenizer, self.seq_len, **cfg.read_options())
             self.log(f"{source}: {len(data[split])} pairs, {data[split].n_truncated} truncated to {self.seq_len} "

@@ -50,7 +50,7 @@ def make_checkpoint(directory, tokenizer, stage: str, max_seq_len: int = 64):
 
 def make_trainer(data_dir, out_dir, model: dict | None = None, **train) -> PretrainTrainer:
     """A pretraining run of the tiny model on the data_dir fixture: 16 steps of 4 x 32 tokens by default."""
-    cfg = TrainConfig(**{**dict(data_dir=str(data_dir), out_dir=str(out_dir), preset="tiny", device="cpu",
+    cfg = TrainConfig(**{**dict(data_dir=str(data_dir), out_dir=str(out_dir), device="cpu",
                                 batch_size=4, seq_len=32, max_steps=16, warmup_steps=2, lr=3e-3,
                                 eval_interval=8, eval_iters=2, log_interval=4, save_interval=8), **train})
     return PretrainTrainer(cfg, {**TINY_MODEL, **(model or {})})

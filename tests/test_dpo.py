@@ -226,7 +226,7 @@ def dpo_setup(tmp_path, tokenizer):
 def make_dpo(root, model_overrides=None, **train):
     cfg = DPOConfig(**{**dict(init_from=str(root / "sft"), out_dir=str(root / "dpo"), data_dir=str(root),
                               train_file=str(root / "train.jsonl"), val_file=str(root / "val.jsonl"),
-                              device="cpu", batch_size=4,
+                              device="cpu", batch_size=4, seq_len=64,
                               max_steps=12, warmup_steps=2, lr=3e-3, min_lr=3e-4, eval_interval=6, eval_iters=1,
                               save_interval=6, beta=0.5, eval_samples=0), **train})
     return DPOTrainer(cfg, model_overrides)
@@ -396,4 +396,4 @@ def test_evaluate_reports_the_answer_accuracy_before_and_after(dpo_setup, tokeni
     trainer.train()
     records = [json.loads(line) for line in (dpo_setup / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "answer_acc" in r] == [0, 2]  # before and after DPO
-    assert "answer_acc" not in str(make_dpo(dpo_setup).evaluate())  # eval_samples=0: off
+    assert "answer_acc" not in str(make_dpo(dpo_setup, overwrite=True).evaluate())  # eval_samples=0: off
