@@ -51,24 +51,37 @@ from tokenizer import Tokenizer
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM (`kill`, job schedulers), raised in the training loop like Ctrl-C so that it saves the same way."""
+    """Training stopped by a signal, after saving; `signum` is the signal's number (for the exit status)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
-@contextmanager
-def sigterm_stops_training():
-    """While training, SIGTERM raises Stopped (only the main thread can handle signals; elsewhere it does not)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class StopSignals:
+    """While training, Ctrl-C (SIGINT) and SIGTERM (`kill`, job schedulers) ask the loop to stop after the step
+    under way, where the weights, optimizer, RNG and data position agree, so that the checkpoint it then saves
+    resumes exactly. A second signal stops at once, without saving (the last checkpoint is kept).
+    Only the main thread can handle signals; elsewhere this does nothing."""
 
-    def stop(signum, frame):
-        raise Stopped()
+    def __init__(self, log):
+        self.log, self.received, self.previous = log, 0, {}
 
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.log(f"{signal.Signals(signum).name}: stopping after this step to save for --resume (send it again to "
+                 f"stop at once, without saving)")
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def check_out_dir(out_dir: Path, stage: str, resume: bool, overwrite: bool) -> None:
@@ -82,7 +95,7 @@ def check_out_dir(out_dir: Path, stage: str, resume: bool, overwrite: bool) -> N
         raise FileNotFoundError(f"--resume: {out_dir} holds no checkpoint to continue; leave out --resume to start "
                                 f"a run there")
     if resume and saved.get("stage", stage) != stage:
-        raise ValueError(f"--resume: {out_dir} holds a {saved['stage']} checkpoint, not a {stage} one")
+        raise ValueError(f"--resume: {out_dir} holds a checkpoint of the {saved['stage']} stage, not {stage}")
     if saved is not None and not resume and not overwrite:
         raise ValueError(f"{out_dir} already holds a {saved.get('stage', '')} checkpoint (step {saved.get('step')}): "
                          f"pass --resume to continue it, --overwrite to replace it, or another --out_dir")
@@ -193,9 +206,9 @@ class Trainer:
             model, tokenizer = self.load_pretrained(source)
             if tokenizer.fingerprint() != data_tokenizer.fingerprint():
                 raise ValueError(f"{self.cfg.data_dir} was tokenised by another tokenizer ({data_tokenizer.name}) than "
-                                 f"the one {source} was trained with ({tokenizer.name}): its ids would be other "
-                                 f"text to the model. Prepare the data with that tokenizer (python prepare.py "
-                                 f"--tokenizer {source} ...) or start a fresh run")
+                                 f"the one {source} was trained with ({tokenizer.name}): the model would read its "
+                                 f"ids as other text. Prepare the data with the checkpoint's tokenizer (python "
+                                 f"prepare.py --tokenizer {source} ...) or start a fresh run")
             return model, tokenizer
         tokenizer = data_tokenizer
         preset = self.cfg.preset
@@ -266,6 +279,14 @@ class Trainer:
             return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def all_reduce_max(self, value: int) -> int:
+        """The largest of the ranks' values (one int; no communication without DDP)."""
+        if not self.ddp:
+            return value
+        tensor = torch.tensor(value, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
     def all_reduce_mean(self, value: torch.Tensor) -> float:
         if self.ddp:
             value = value.detach().clone()
@@ -284,7 +305,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
         """Train to max_steps: evaluate at step 0 and every eval_interval steps, save every save_interval steps
-        and at the end. Ctrl-C or SIGTERM saves first, so that --resume continues from there."""
+        and at the end. Ctrl-C or SIGTERM stops after the step under way and saves (StopSignals), so that --resume
+        continues from there."""
         cfg = self.cfg
         self.start_metrics()
         t_log, tokens_since_log = time.time(), 0
@@ -292,10 +314,15 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.master, desc=self.stage,
                    dynamic_ncols=True, file=sys.stdout)
         try:
-            with sigterm_stops_training():
+            with StopSignals(self.log) as signals:
                 if self.step == 0:
                     results = self.run_eval()
                 while self.step < cfg.max_steps:
+                    signum = self.all_reduce_max(signals.received)  # every rank stops at the same step
+                    if signum:
+                        self.log(f"saving at step {self.step} so that --resume continues from here")
+                        self.save()
+                        raise Stopped(signum)
                     lr = self.lr_at(self.step)
                     for group in self.optimizer.param_groups:
                         group["lr"] = lr
@@ -341,12 +368,12 @@ class Trainer:
                     if self.step % cfg.save_interval == 0 or last:
                         self.save()
         except KeyboardInterrupt as e:
-            bar.close()
-            self.log(f"{'SIGTERM' if isinstance(e, Stopped) else 'interrupted'} at step {self.step}: saving so that "
-                     f"--resume continues from here")
-            self.save()
+            if not isinstance(e, Stopped):
+                self.log(f"stopped at once in step {self.step}: not saved, the last checkpoint in {self.out_dir} "
+                         f"is kept")
             raise
-        bar.close()
+        finally:
+            bar.close()
         return results
 
     def accumulate(self, model, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
@@ -483,8 +510,8 @@ def run_stage(trainer_cls, cfg: TrainConfig, model_overrides: dict | None = None
                     + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         trainer.log(peak_memory())
         return results
-    except Stopped:
-        sys.exit(128 + signal.SIGTERM)  # the shell's status for a process that SIGTERM ended
+    except Stopped as e:
+        sys.exit(128 + e.signum)  # the shell's status for a process that the signal ended
     except KeyboardInterrupt:
         sys.exit(130)
     finally:

@@ -127,6 +127,8 @@ def test_every_preference_format(tmp_path):
     ({"prompt": "q", "chosen": "a", "rejected": 3}, "f:9: field 'rejected' is not a string"),
     ({"prompt": "q", "chosen": "a", "rejected": " "}, "f:9: rejected.* empty assistant turn"),
     ({"chosen": [msg(USER, "hi"), msg(BOT, "a")], "rejected": [msg(USER, "hi"), msg(BOT, "a")]}, "do not differ"),
+    ({"prompt": "q", "chosen": "same", "rejected": " same "}, "f:9: 'chosen' and 'rejected' do not differ"),
+    ({"prompt": "\n\nHuman: q\n\nAssistant:", "chosen": "a", "rejected": "a"}, "f:9: .* do not differ"),
     ({"chosen": [msg(USER, "hi"), msg(BOT, "a")], "rejected": [msg(USER, "yo"), msg(BOT, "b")]}, "share no prompt"),
     ({"chosen": [msg("robot", "x"), msg(BOT, "a")], "rejected": []}, "f:9: chosen\\[0\\] has unknown role"),
     ({"chosen": "Tom: hi", "rejected": "Tom: yo"}, "f:9: field 'chosen' is not in the"),

@@ -1,6 +1,8 @@
 """The training loop, checkpoints and resume, on a tiny model and data set."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -10,7 +12,8 @@ import torch
 import checkpoint
 from configs import ModelConfig, TrainConfig, parse_train_args
 from model import GPT
-from tests.helpers import TINY_MODEL, crash_during_step, make_trainer
+from tests.helpers import TINY_MODEL, crash_during_step, during_step, make_trainer
+from trainers import Stopped
 
 DROPOUT = {"dropout": 0.1}  # so that resuming must restore the RNG too
 
@@ -48,12 +51,30 @@ def test_interrupted_run_resumes_to_the_same_loss(data_dir, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_keyboard_interrupt_saves_a_resumable_checkpoint(data_dir, tmp_path):
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(data_dir, tmp_path):
+    expected = make_trainer(data_dir, tmp_path / "whole", DROPOUT).train()["val_loss"]
     trainer = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT)
-    crash_during_step(trainer, 5, KeyboardInterrupt())  # Ctrl-C during step 5
-    with pytest.raises(KeyboardInterrupt):
+    during_step(trainer, 5, lambda: os.kill(os.getpid(), signal.SIGINT))  # Ctrl-C in the middle of step 5
+    with pytest.raises(Stopped, match="SIGINT"):
         trainer.train()
-    assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 5
+    assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 6  # step 5 was finished, then saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after training
+    resumed = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT, resume=True)
+    assert resumed.train()["val_loss"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT)
+
+    def press_twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    during_step(trainer, 10, press_twice)  # after the checkpoint of step 8
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        trainer.train()
+    assert not isinstance(stopped.value, Stopped)
+    assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 8
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, tokenizer):
