@@ -285,12 +285,13 @@ def parse_train_args(train_cls, argv: list[str] | None = None, description: str 
 
 @contextmanager
 def exit_on_bad_input():
-    """Bad input (a missing file, a malformed row, a setting that cannot work) raises ValueError, OSError or
-    RuntimeError with a one-line message naming it: entry points print that as `error: ...` and exit with status 1,
-    instead of a traceback."""
+    """Bad input (a missing file, a malformed row, a setting that cannot work) raises ValueError or OSError with a
+    one-line message naming it, and a run that diverges FloatingPointError: entry points print that as
+    `error: ...` and exit with status 1, instead of a traceback. Any other exception is a bug, and shows its
+    traceback."""
     try:
         yield
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 
 

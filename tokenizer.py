@@ -134,7 +134,7 @@ class Tokenizer:
         try:
             base = tiktoken.get_encoding(name)
         except Exception as e:
-            raise RuntimeError(
+            raise ConnectionError(
                 f"tiktoken encoding {name!r} needs a network connection or "
                 f"TIKTOKEN_CACHE_DIR with its cached file ({type(e).__name__}); the offline "
                 f"default is the trained BPE: python prepare.py --tokenizer bpe") from e

@@ -341,8 +341,9 @@ class Trainer:
                         self.scaler.update()
                         self.log(f"step {self.step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
                         if bad_steps >= 10:
-                            raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {self.step}; stopping. "
-                                               f"The last good checkpoint in {self.out_dir} is kept; try a lower --lr")
+                            raise FloatingPointError(f"{bad_steps} non-finite steps in a row at step {self.step}; "
+                                                     f"stopping. The last good checkpoint in {self.out_dir} is kept; "
+                                                     f"try a lower --lr")
                         continue
                     bad_steps = 0
                     self.scaler.step(self.optimizer)
@@ -510,6 +511,9 @@ def run_stage(trainer_cls, cfg: TrainConfig, model_overrides: dict | None = None
                     + ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         trainer.log(peak_memory())
         return results
+    except torch.cuda.OutOfMemoryError as e:  # too large a batch for this GPU: the user's setting, not a bug
+        sys.exit(f"error: {str(e).splitlines()[0]} Lower --batch_size (raising --grad_accum keeps the global batch), "
+                 f"--seq_len, or use --grad_checkpoint")
     except Stopped as e:
         sys.exit(128 + e.signum)  # the shell's status for a process that the signal ended
     except KeyboardInterrupt:

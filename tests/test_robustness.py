@@ -96,6 +96,24 @@ def test_device_cuda_without_a_gpu_is_one_line(data_dir, tmp_path, tokenizer):
         demo.main(["--checkpoint", str(ckpt), "--device", "cuda", "--output_dir", str(tmp_path / "demo")])
 
 
+def test_out_of_gpu_memory_is_one_line_and_a_bug_keeps_its_traceback(data_dir, tmp_path):
+    class OutOfMemory(PretrainTrainer):
+        def next_batch(self):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore details")
+
+    with pytest.raises(SystemExit, match=r"^error: CUDA out of memory. Tried to allocate 2.00 GiB. Lower --batch_size "
+                                         r"\(raising --grad_accum keeps the global batch\), --seq_len, or use "
+                                         r"--grad_checkpoint$"):
+        run_stage(OutOfMemory, pretrain_config(data_dir, tmp_path / "a"), TINY_MODEL)
+
+    class Buggy(PretrainTrainer):
+        def next_batch(self):
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):  # not turned into one line: a bug shows its traceback
+        run_stage(Buggy, pretrain_config(data_dir, tmp_path / "b"), TINY_MODEL)
+
+
 def test_seq_len_beyond_the_models_context_is_refused(data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"^--seq_len 64 is longer than the model's context \(max_seq_len 32\)$"):
         make_trainer(data_dir, tmp_path / "out", seq_len=64)
