@@ -1,20 +1,35 @@
 """A careless user: bad flags, bad files, interrupts and reruns end in one line and lose nothing (issue 18)."""
 
+import errno
 import io
 import json
+import os
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import bench
 import checkpoint
 import demo
 import prepare
-from configs import DPOConfig, LoRAConfig, SFTConfig, TrainConfig, parse_args, parse_train_args
+from configs import (
+    DPOConfig,
+    LoRAConfig,
+    ModelConfig,
+    SFTConfig,
+    TrainConfig,
+    exit_on_bad_input,
+    parse_args,
+    parse_train_args,
+)
 from dataset import PreferenceDataset, SFTDataset, read_jsonl
+from model import GPT
 from tests.helpers import (
     NAMES,
     TINY_MODEL,
@@ -77,7 +92,7 @@ def test_the_other_scripts_check_their_flags_the_same_way(config, args, message)
 
 def test_a_bad_flag_is_one_line_without_a_traceback(capsys):
     result = subprocess.run([sys.executable, "train_pretrain.py", "--batch_size", "0"], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=600)
     assert result.returncode == 1 and result.stderr.splitlines() == ["error: --batch_size must be >= 1, got 0"]
     with pytest.raises(SystemExit) as exit_status:  # a value argparse cannot read: its message, without its usage
         parse_train_args(TrainConfig, ["--batch_size", "abc"])
@@ -209,7 +224,7 @@ run_stage(Terminated, pretrain_config(sys.argv[1], sys.argv[2]), {**TINY_MODEL, 
 
 def test_sigterm_saves_like_ctrl_c_and_resume_continues_exactly(data_dir, tmp_path):
     result = subprocess.run([sys.executable, "-c", SIGTERM_AT_STEP_5, str(data_dir), str(tmp_path / "ckpt")],
-                            capture_output=True, text=True, timeout=120)
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 128 + 15, result.stderr[-2000:]  # as a shell reports a process SIGTERM ended
     assert "SIGTERM: stopping after this step" in result.stdout and "Traceback" not in result.stderr
     assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 6
@@ -308,8 +323,141 @@ def test_bytes_that_are_not_utf8_are_replaced_and_said(tmp_path, tokenizer, caps
 
     result = subprocess.run([sys.executable, "demo.py", "--checkpoint", str(ckpt), "--max_new_tokens", "2",
                              "--output_dir", str(tmp_path / "b")], input=b"caf\xe9 \xff\nexit\n",
-                            capture_output=True, timeout=120)
+                            capture_output=True, timeout=600)
     assert result.returncode == 0 and b"Traceback" not in result.stderr, result.stderr.decode()[-2000:]
     assert b"the input held bytes that are not UTF-8 text" in result.stderr
     (record,) = [json.loads(line) for line in next((tmp_path / "b").iterdir()).joinpath("turns.jsonl").open()]
     assert record["prompt"] == "caf\ufffd \ufffd"
+
+
+# ----------------------------------------------------------------------------- saving under faults
+# What a save does to the file system, in order: every call of these is a point where a kill can land.
+FILE_SYSTEM_STEPS = [(os, "replace"), (os, "rename"), (os, "unlink"), (os, "rmdir"), (os, "mkdir"),
+                     (shutil, "copy2"), (checkpoint, "save_file"), (torch, "save"), (Path, "write_text"),
+                     (Path, "write_bytes")]
+
+
+def interrupted_at(k: int, after: bool, monkeypatch):
+    """Patch the file-system steps so that step k (counting from 1) raises KeyboardInterrupt, before or after it
+    runs; returns a function giving how many steps ran."""
+    count = [0]
+
+    def counted(original):
+        def step(*args, **kwargs):
+            count[0] += 1
+            this = count[0]  # steps may nest (Path.mkdir calls os.mkdir): each counts on its own
+            if this == k and not after:
+                raise KeyboardInterrupt
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if this == k:
+                    raise KeyboardInterrupt  # noqa: B012 (after the step, whether it failed or not)
+        return step
+
+    for owner, name in FILE_SYSTEM_STEPS:
+        monkeypatch.setattr(owner, name, counted(getattr(owner, name)))
+    return lambda: count[0]
+
+
+def tiny_model(tokenizer, seed: int) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **TINY_MODEL))
+
+
+def saved_model(directory, models: dict[int, GPT]) -> int:
+    """Which of `models` (by seed) the checkpoint in directory holds, loading it as any reader would."""
+    loaded = GPT.from_pretrained(directory).state_dict()
+    (seed,) = [s for s, m in models.items() if all(torch.equal(v, loaded[k]) for k, v in m.state_dict().items())]
+    assert checkpoint.load_run_info(directory)["seed"] == checkpoint.load_train_state(directory)["seed"] == seed
+    return seed
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_a_save_interrupted_at_any_step_keeps_a_whole_checkpoint_and_the_next_save_works(tmp_path, tokenizer,
+                                                                                        monkeypatch, after):
+    models = {seed: tiny_model(tokenizer, seed) for seed in range(4)}
+
+    def save(directory, seed):
+        checkpoint.save_checkpoint(directory, models[seed], tokenizer, {"seed": seed}, {"seed": seed})
+
+    k = 0
+    while True:
+        k += 1
+        root = tmp_path / f"{k}"
+        save(root / "ckpt", 0)
+        with monkeypatch.context() as patch:
+            steps = interrupted_at(k, after, patch)
+            try:
+                save(root / "ckpt", 1)
+            except KeyboardInterrupt:
+                pass
+            else:
+                break  # k is past the last step: every step has been interrupted
+            finally:
+                ran = steps()
+        assert saved_model(root / "ckpt", models) in (0, 1), (k, ran)
+        save(root / "ckpt", 2)  # the next save is never blocked by what the interrupted one left
+        assert saved_model(root / "ckpt", models) == 2
+        assert sorted(p.name for p in root.iterdir()) == ["ckpt"], k  # nothing left beside it
+    assert k > 20  # the whole sequence was walked (26 file-system steps in a save today)
+
+
+@pytest.mark.parametrize("writer", ["torch", "safetensors", "json"])
+def test_a_full_disk_during_a_save_is_one_line_and_leaves_no_partial_files(tmp_path, tokenizer, monkeypatch, writer):
+    models = {seed: tiny_model(tokenizer, seed) for seed in range(2)}
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_checkpoint(ckpt, models[0], tokenizer, {"seed": 0, "step": 7}, {"seed": 0})
+
+    def fills_the_disk(error):
+        def write(*args, **kwargs):  # half the file reaches the disk, then it is full
+            Path(next(a for a in args if isinstance(a, (str, os.PathLike)))).write_bytes(b"half a file")
+            raise error
+        return write
+
+    # How each writer reports a full disk (measured on a full tmpfs): torch.save a RuntimeError, safetensors its
+    # own error type, Python an OSError with errno ENOSPC.
+    if writer == "torch":
+        monkeypatch.setattr(torch, "save", fills_the_disk(RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534")))
+    elif writer == "safetensors":
+        monkeypatch.setattr(checkpoint, "save_file", fills_the_disk(SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)")))
+    else:
+        monkeypatch.setattr(checkpoint, "write_json", fills_the_disk(OSError(
+            errno.ENOSPC, "No space left on device")))
+    if writer != "json":  # the disk is full: what the save looks at when the error does not say so itself
+        monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**30, 2**30, 0))
+    with pytest.raises(OSError, match=r"^cannot save to .*ckpt: no space left; the step-7 checkpoint is kept$"):
+        checkpoint.save_checkpoint(ckpt, models[1], tokenizer, {"seed": 1, "step": 8}, {"seed": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no partial files
+    assert saved_model(ckpt, models) == 0
+
+
+def test_a_failed_save_that_is_not_a_full_disk_keeps_its_own_error(tmp_path, tokenizer, monkeypatch):
+    model = tiny_model(tokenizer, 0)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the writer")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="a bug in the writer"):
+        checkpoint.save_checkpoint(tmp_path / "ckpt", model, tokenizer, {"step": 1}, {"seed": 0})
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_full_disk_while_training_ends_the_run_in_one_line(data_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(data_dir, tmp_path / "ckpt")  # saves at step 8, then at 16
+
+    def full_at_the_second_save(obj, path, *args, **kwargs):
+        if obj["step"] == 16:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(obj, path, *args, **kwargs)
+
+    save = torch.save
+    monkeypatch.setattr(torch, "save", full_at_the_second_save)
+    with pytest.raises(SystemExit, match=r"^error: cannot save to .*ckpt: no space left; the step-8 checkpoint is "
+                                         r"kept$"):
+        with exit_on_bad_input():
+            trainer.train()
+    assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 8
