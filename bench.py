@@ -29,12 +29,14 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from configs import get_config, option, parse_args
+from configs import PRESETS, check_options, device_rules, exit_on_bad_input, get_config, option, parse_args
 from devices import autocast, compile_or_eager, peak_rss_bytes, pick_compile, pick_device, pick_dtype
+from fileio import writable_dir
 from flops import device_peak_tflops, train_flops_per_token
 from hf import load_config, to_transformers
 from loss import DPOLoss, lm_loss, sequence_logps
@@ -68,6 +70,15 @@ class BenchConfig:
     peak_tflops: float = option("the device's peak TFLOPS for MFU; 0 = GPU table, else a measured matmul",
                                 default=0.0)
     out: str = option("where the JSON results go", default="bench.json")
+
+    def __post_init__(self):
+        parts = {p.strip() for p in self.parts.split(",") if p.strip()}
+        check_options(self, [
+            ("preset", self.preset in PRESETS, f"must be one of {', '.join(PRESETS)}"), *device_rules(self),
+            ("parts", parts and parts <= set(PARTS), f"must be comma-separated names of {', '.join(PARTS)}"),
+            *((name, getattr(self, name) >= 1, "must be >= 1") for name in (
+                "vocab_size", "batch_size", "seq_len", "steps", "gen_batch_size", "prompt_len", "new_tokens")),
+            *((name, getattr(self, name) >= 0, "must be >= 0") for name in ("warmup", "peak_tflops"))])
 
 
 # ----------------------------------------------------------------------------- peak
@@ -293,9 +304,7 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
 # ----------------------------------------------------------------------------- main
 def main(cfg: BenchConfig) -> dict:
     parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        raise SystemExit(f"error: --parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    writable_dir(Path(cfg.out).resolve().parent, "--out")
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     names = ("ours", "hf") if cfg.hf and hf_available() else ("ours",)
@@ -370,4 +379,6 @@ def print_table(report: dict):
 
 
 if __name__ == "__main__":
-    main(parse_args(BenchConfig, description=__doc__))
+    config = parse_args(BenchConfig, description=__doc__)
+    with exit_on_bad_input():
+        main(config)

@@ -9,11 +9,13 @@ A checkpoint is a directory (e.g. checkpoint/pretrain/) holding:
   metrics.jsonl       the training log, appended as the run goes
 
 It is written into `<dir>.tmp` and swapped in with renames, so a crash while saving leaves the previous
-checkpoint whole (at worst as `<dir>.old`, which the next load or save puts back). A checkpoint can hold others
-(`best/`, the run's best so far): each save of the outer one moves them into the new directory by a rename, and
-a save that crashes part-way leaves them where the next load or save finds them.
+checkpoint whole (at worst as `<dir>.old`, which the next load or save puts back, or clears if the swap was
+done). A checkpoint can hold others (`best/`, the run's best so far): each save of the outer one moves them into
+the new directory by a rename, and a save that crashes part-way leaves them where the next load or save finds
+them. A save that fails, e.g. on a full disk, removes what it wrote and says so in one line.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -51,6 +53,14 @@ def _recover(directory: Path) -> None:
             _recover(leftover.with_name(leftover.name.removesuffix(".old")))
 
 
+def _kept(directory: Path) -> str:
+    """What a failed save of directory leaves in place, for its error message."""
+    if not (directory / "config.json").exists():
+        return "nothing was saved there"
+    step = json.loads((directory / "run.json").read_text()).get("step") if (directory / "run.json").exists() else None
+    return f"the step-{step} checkpoint is kept" if step is not None else "the checkpoint there is kept"
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The weights to save: contiguous copies, the tied output head left out (it is the embedding)."""
     state = model.state_dict()
@@ -75,20 +85,28 @@ def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: di
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)  # a save that crashed after its swap left it
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if save_weights:
-        save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt"})
-    for name, tensors in (extra_files or {}).items():
-        save_file(tensors, tmp / name, metadata={"format": "pt"})
-    for name, obj in (extra_json or {}).items():
-        write_json(tmp / name, obj)
-    write_json(tmp / "config.json", asdict(model.config))
-    write_json(tmp / "run.json", run_info)
-    tokenizer.save_pretrained(tmp)
-    if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
-    if (directory / "metrics.jsonl").exists():
-        shutil.copy2(directory / "metrics.jsonl", tmp / "metrics.jsonl")
+    try:
+        tmp.mkdir()
+        if save_weights:
+            save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt"})
+        for name, tensors in (extra_files or {}).items():
+            save_file(tensors, tmp / name, metadata={"format": "pt"})
+        for name, obj in (extra_json or {}).items():
+            write_json(tmp / name, obj)
+        write_json(tmp / "config.json", asdict(model.config))
+        write_json(tmp / "run.json", run_info)
+        tokenizer.save_pretrained(tmp)
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+        if (directory / "metrics.jsonl").exists():
+            shutil.copy2(directory / "metrics.jsonl", tmp / "metrics.jsonl")
+    except Exception as e:
+        # torch.save reports a full disk as a RuntimeError ("unexpected pos"), safetensors as its own error type
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(tmp.parent).free < 2**20
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial files left filling the disk
+        if full:
+            raise OSError(f"cannot save to {directory}: no space left; {_kept(directory)}") from None
+        raise
     for nested in _nested(directory):  # best/ moves into the new directory: a rename, not a copy
         os.replace(nested, tmp / nested.name)
     if directory.exists():

@@ -8,6 +8,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import typing
 from contextlib import contextmanager
@@ -17,12 +18,32 @@ DEFAULT_DATA_DIR = "data/storyworld"  # the embedded data set, generated on firs
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every block projection
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
 def option(text: str, **kwargs):
     """A dataclass field with a help text for `--help`.
 
     A subclass that only changes the default writes `lr: float = 1e-4`: the help is found on the base class.
     """
     return field(metadata={"help": text}, **kwargs)
+
+
+def check_options(cfg, rules: list[tuple[str, bool, str]]) -> None:
+    """Raise a one-line ValueError for the first (field, allowed, rule) of rules whose value is not allowed,
+    in the one format every script shows: `--batch_size must be >= 1, got 0`."""
+    for name, allowed, rule in rules:
+        if not allowed:
+            raise ValueError(f"--{name} {rule}, got {getattr(cfg, name)}")
+
+
+def device_rules(cfg) -> list[tuple[str, bool, str]]:
+    """The rules of the device, dtype and compile options that training, the demo and the benchmark share.
+    Whether the device exists on this machine is checked when it is picked (devices.pick_device)."""
+    return [("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None,
+             "must be auto, cpu, mps, cuda or cuda:N"),
+            ("dtype", cfg.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
+            ("compile", cfg.compile in ("auto", "true", "false"), "must be auto, true or false")]
 
 
 @dataclass
@@ -76,7 +97,7 @@ class ModelConfig:
                                     "tokens, the rest are dropped; 0 = never drop", default=0.0)
 
     def __post_init__(self):
-        if self.head_dim is None:
+        if self.head_dim is None and self.n_heads >= 1:  # n_heads < 1 is refused by validate()
             if self.dim % self.n_heads:
                 raise ValueError(f"model config: dim={self.dim} is not divisible by n_heads={self.n_heads} "
                                  f"(or give head_dim)")
@@ -84,13 +105,19 @@ class ModelConfig:
         if self.hidden_dim is None:
             if self.mlp == "gelu":
                 self.hidden_dim = 4 * self.dim
-            else:
+            elif self.multiple_of >= 1:
                 hidden = int(8 * self.dim / 3)
                 self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
         self.validate()
 
     def validate(self):
         """Raise a one-line ValueError if the shape cannot work."""
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "multiple_of",
+                     "hidden_dim", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model config: {name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"model config: dropout={self.dropout} must be >= 0 and < 1")
         if self.n_kv_heads > self.n_heads or self.n_heads % self.n_kv_heads:
             raise ValueError(f"model config: n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
         if self.pos_emb == "rope" and self.head_dim % 2:
@@ -170,6 +197,8 @@ class TrainConfig:
     init_from: str = option("checkpoint directory to start from; '' = the stage's default (SFT: the latest "
                             "checkpoint/pretrain; LoRA: sft, else pretrain; DPO: sft)", default="")
     resume: bool = option("continue the run saved in out_dir (model, optimizer, RNG, data position)", default=False)
+    overwrite: bool = option("replace the checkpoint already in out_dir (without this, a fresh run refuses to)",
+                             default=False)
     device: str = option("'auto' (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps", default="auto")
     dtype: str = option("'auto' (bf16 on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU/MPS), "
                         "or float32, bfloat16, float16", default="auto")
@@ -200,6 +229,32 @@ class TrainConfig:
     save_interval: int = option("save a checkpoint every N steps (and at the end)", default=100)
     wandb: bool = option("log to Weights & Biases (set WANDB_MODE=offline without a network)", default=False)
     wandb_project: str = option("wandb project name", default="nanollm")
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """Raise a one-line ValueError naming the first flag whose value cannot work. The configs that mix in
+        more options extend this (calling super().validate() first)."""
+        check_options(self, [
+            ("preset", self.preset in ("auto", *PRESETS), f"must be auto or one of {', '.join(PRESETS)}"),
+            *device_rules(self),
+            *((name, getattr(self, name) >= 1, "must be >= 1") for name in (
+                "batch_size", "grad_accum", "max_steps", "eval_interval", "eval_iters", "log_interval",
+                "save_interval")),
+            ("seq_len", self.seq_len >= 0, "must be >= 0 (0 = the model's max_seq_len)"),
+            ("epochs", self.epochs >= 0, "must be >= 0 (0 = off)"),
+            ("lr", self.lr > 0, "must be > 0"),
+            ("min_lr", 0 <= self.min_lr <= self.lr, f"must be between 0 and --lr {self.lr}"),
+            *((name, getattr(self, name) >= 0, "must be >= 0") for name in (
+                "warmup_steps", "weight_decay", "grad_clip")),
+            *((name, 0 <= getattr(self, name) < 1, "must be >= 0 and < 1") for name in ("beta1", "beta2")),
+        ])
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the checkpoint in out_dir and --overwrite replaces it: give one")
+        if self.preset != "auto" and (self.resume or self.init_from):
+            raise ValueError(f"--preset {self.preset} does not apply to --resume or --init_from: the model is the "
+                             f"checkpoint's (model fields such as --dropout still override it)")
 
 
 def _flag_type(tp):
@@ -247,12 +302,25 @@ def _help(cls, name: str) -> str:
     return ""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`error: argument --batch_size: invalid int value: 'x'`) instead of
+    argparse's usage, which lists every flag, followed by the error."""
+
+    def __init__(self, description: str = ""):
+        super().__init__(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (--help lists the flags)\n")
+
+
 def parse_args(cls, argv: list[str] | None = None, description: str = ""):
-    """Parse the command line into an instance of dataclass `cls`."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """Parse the command line into an instance of dataclass `cls`; a value its validation refuses exits with
+    `error: ...`."""
+    parser = ArgumentParser(description)
     add_dataclass_args(parser, cls)
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return cls(**{k: v for k, v in vars(ns).items() if v is not None})
+    with exit_on_bad_input():
+        return cls(**{k: v for k, v in vars(ns).items() if v is not None})
 
 
 def parse_train_args(train_cls, argv: list[str] | None = None, description: str = ""):
@@ -261,24 +329,26 @@ def parse_train_args(train_cls, argv: list[str] | None = None, description: str 
     Returns (train_config, model_overrides), where model_overrides holds only the model fields given,
     so that they can be applied on top of a preset or of the checkpoint being fine-tuned.
     """
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description)
     add_dataclass_args(parser, train_cls, "training")
     add_dataclass_args(parser, ModelConfig, "model (override the preset's fields)")
     ns = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     model_names = {f.name for f in dataclasses.fields(ModelConfig)}
     train_kwargs = {k: v for k, v in ns.items() if v is not None and k not in model_names}
     model_overrides = {k: v for k, v in ns.items() if v is not None and k in model_names}
-    return train_cls(**train_kwargs), model_overrides
+    with exit_on_bad_input():
+        return train_cls(**train_kwargs), model_overrides
 
 
 @contextmanager
 def exit_on_bad_input():
-    """Bad input (a missing file, a malformed row, a setting that cannot work) raises ValueError, OSError or
-    RuntimeError with a one-line message naming it: entry points print that as `error: ...` and exit with status 1,
-    instead of a traceback."""
+    """Bad input (a missing file, a malformed row, a setting that cannot work) raises ValueError or OSError with a
+    one-line message naming it, and a run that diverges FloatingPointError: entry points print that as
+    `error: ...` and exit with status 1, instead of a traceback. Any other exception is a bug, and shows its
+    traceback."""
     try:
         yield
-    except (ValueError, OSError, RuntimeError) as e:
+    except (ValueError, OSError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
 
 
@@ -296,6 +366,14 @@ class FineTuneOptions:
     def read_options(self) -> dict:
         """How the data sets read a source (dataset.load_chats, SFTDataset, PreferenceDataset)."""
         return {"skip_bad_rows": self.skip_bad_rows, "hf_data_files": self.hf_data_files, "hf_split": self.hf_split}
+
+    def validate(self):  # mixed in before TrainConfig, whose validate() comes first
+        super().validate()
+        check_options(self, [("eval_samples", self.eval_samples >= 0, "must be >= 0 (0 = off)"),
+                             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")])
+        if self.preset != "auto":
+            raise ValueError(f"--preset {self.preset} does not apply to fine-tuning: the model is the checkpoint's "
+                             f"(--init_from)")
 
 
 @dataclass
@@ -332,6 +410,13 @@ class LoRAOptions:
     use_rslora: bool = option("rank-stabilised LoRA: scale by alpha / sqrt(r) instead of alpha / r", default=False)
     lora_targets: str = option("comma-separated names of the linear layers to adapt (a name matches a module "
                                "whose name is it or ends in .<name>)", default=",".join(LORA_TARGETS))
+
+    def validate(self):  # mixed in before TrainConfig, whose validate() comes first
+        super().validate()
+        check_options(self, [("lora_r", self.lora_r >= 1, "must be >= 1"),
+                             ("lora_alpha", self.lora_alpha > 0, "must be > 0"),
+                             ("lora_dropout", 0 <= self.lora_dropout < 1, "must be >= 0 and < 1"),
+                             ("lora_targets", self.lora_targets.strip(" ,") != "", "must name at least one layer")])
 
 
 @dataclass

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from fileio import data_file
 from tokencache import TokenRows, cache_dir, is_complete, write_rows
 from tokenizer import CHAT_ROLES
 
@@ -92,16 +93,14 @@ def read_jsonl(path, on_error=None) -> Iterator[tuple[int, dict]]:
 
     A bad line raises a DataError, or is passed to on_error(error) and skipped if on_error is given.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing")
+    path = data_file(path)
     with open(path, "rb") as f:  # bytes, decoded line by line, so a bad encoding gets a line number too
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             where = f"{path}:{line_no}"
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8-sig"))  # -sig: a byte-order mark (Windows editors) is skipped
             except UnicodeDecodeError:
                 error = DataError(f"{where}: not UTF-8 text")
             except json.JSONDecodeError as e:
@@ -261,6 +260,10 @@ def tokenized(source: str, tokenizer, kind: str, encode, skip_bad_rows: bool = F
     rows = TokenRows(directory)
     if rows.meta["skipped"] and not skip_bad_rows:
         raise DataError(rows.meta["first_error"])
+    if not len(rows):
+        raise DataError(f"{source}: no {kind}: " + (f"all {rows.meta['skipped']} rows are malformed, the first: "
+                                                     f"{rows.meta['first_error']}" if rows.meta["skipped"] else
+                                                     "it is empty"))
     return rows
 
 
@@ -480,14 +483,14 @@ def to_preference(record: dict, where: str) -> tuple[list[dict], list[dict], lis
             prompt = [{"role": "user", "content": prompt_text}]
         replies = [[{"role": "assistant", "content": text_field(record, name, where).strip()}]
                    for name in ("chosen", "rejected")]
-        full = [check_messages(prompt + reply, where, name) for reply, name in zip(replies, ("chosen", "rejected"))]
-        return prompt, full[0][len(prompt):], full[1][len(prompt):]
-    if isinstance(record["chosen"], list):
+        chosen, rejected = (check_messages(prompt + reply, where, name)
+                            for reply, name in zip(replies, ("chosen", "rejected")))
+    elif isinstance(record["chosen"], list):
         chosen, rejected = (check_messages(record[name], where, name) for name in ("chosen", "rejected"))
     else:
         chosen, rejected = (check_messages(_hh_to_messages(text_field(record, name, where), where, name), where, name)
                             for name in ("chosen", "rejected"))
-    return _split_shared_prefix(chosen, rejected, where)
+    return _split_shared_prefix(chosen, rejected, where)  # which also refuses a pair whose replies are the same
 
 
 def tokenize_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict]):

@@ -17,7 +17,6 @@ import itertools
 import os
 import random
 import re
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +27,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import dataset
-from configs import DEFAULT_DATA_DIR, parse_args
-from fileio import write_json
+from configs import DEFAULT_DATA_DIR, check_options, exit_on_bad_input, parse_args
+from fileio import writable_dir, write_json
 from storyworld import write_default_dataset
-from tokenizer import Tokenizer
+from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 @dataclass
@@ -64,6 +63,15 @@ class PrepareConfig:
         "help": "hf: only, the file(s) of the dataset repository to read, e.g. pretrain_hq.jsonl"})
     hf_split: str = field(default="train", metadata={"help": "hf: only, the split to read"})
 
+    def __post_init__(self):
+        check_options(self, [
+            ("val_fraction", 0 < self.val_fraction < 1, "must be > 0 and < 1 (training needs a validation split)"),
+            ("vocab_size", self.vocab_size >= 256 + len(SPECIAL_TOKENS), f"must be >= {256 + len(SPECIAL_TOKENS)}"),
+            ("tokenizer_train_bytes", self.tokenizer_train_bytes >= 1, "must be >= 1"),
+            ("max_docs", self.max_docs >= 0, "must be >= 0 (0 = all)"),
+            ("dtype", self.dtype in ("auto", "uint16", "uint32"), "must be auto, uint16 or uint32"),
+            ("txt_separator", self.txt_separator != "", "must not be empty")])
+
 
 # ----------------------------------------------------------------------------------------------- reading documents
 
@@ -74,7 +82,7 @@ def read_txt(path, separator: str = "blankline", chunk_chars: int = 1 << 20) -> 
     """Documents of a UTF-8 text file, split on `separator` ('blankline', 'line' or a literal string)."""
     pattern = re.compile(_TXT_SEPARATORS.get(separator) or re.escape(separator))
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark at the start is skipped
             buffer = ""
             while chunk := f.read(chunk_chars):
                 # The last piece may continue in the next chunk, so it waits in the buffer.
@@ -247,14 +255,12 @@ def prepare(cfg: PrepareConfig) -> Path:
 
     For the storyworld source the raw files (stories.jsonl, sft_*.jsonl, dpo_*.jsonl) go there too.
     """
-    if not 0 <= cfg.val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), not {cfg.val_fraction}")
     if cfg.tokenizer == "bpe":
         resolve_dtype(cfg.dtype, cfg.vocab_size)  # fail now rather than after training the tokenizer
     out_dir = Path(cfg.out_dir or default_out_dir(cfg.source, cfg.hf_data_files))
     source = cfg.source
     if source == "storyworld":
-        write_default_dataset(out_dir, seed=cfg.seed)
+        write_default_dataset(writable_dir(out_dir, "--out_dir"), seed=cfg.seed)
         source = str(out_dir / "stories.jsonl")
 
     def documents() -> Iterator[str]:  # a fresh pass over the documents
@@ -263,10 +269,10 @@ def prepare(cfg: PrepareConfig) -> Path:
 
     if next(documents(), None) is None:  # also raises now, before any output, for a missing or unreadable file
         raise ValueError(f"{source}: no documents found")
+    writable_dir(out_dir, "--out_dir")  # before the tokenizer is trained, not after
     training_texts = _bpe_training_texts(documents(), val_flags(cfg.val_fraction, cfg.seed), cfg.tokenizer_train_bytes)
     tok = load_tokenizer(cfg, training_texts)
     dtype = resolve_dtype(cfg.dtype, tok.vocab_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # meta.json, written last, marks a complete directory: remove a stale one before the files change.
     (out_dir / "meta.json").unlink(missing_ok=True)
     counts = write_token_files(documents(), val_flags(cfg.val_fraction, cfg.seed), tok, dtype, out_dir)
@@ -291,16 +297,12 @@ def data_path(data_dir, name: str = "") -> Path:
     return data_dir / name
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None):
     cfg = parse_args(PrepareConfig, argv, description="Turn a text data set into train.bin/val.bin token files "
                                                       "(default: the embedded StoryWorld stories).")
-    try:
+    with exit_on_bad_input():
         prepare(cfg)
-    except (OSError, ValueError, RuntimeError) as e:  # bad input: one line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

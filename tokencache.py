@@ -23,20 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fileio import write_json
+from fileio import data_file, write_json
 
 FORMAT = 1  # bump when the layout or the tokenisation of rows changes: old caches are then ignored
 ROW_ARRAYS = {"offsets": np.int64, "first_trained": np.int64, "lines": np.int64}
-
-
-def fingerprint(tokenizer) -> bytes:
-    """What decides a tokenizer's ids: its split pattern, merge ranks and special tokens."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(tokenizer.pat_str.encode())
-    h.update(json.dumps(tokenizer.special_ids, sort_keys=True).encode())
-    for token, rank in tokenizer.mergeable_ranks.items():
-        h.update(len(token).to_bytes(2, "little") + token + rank.to_bytes(4, "little"))
-    return h.digest()
 
 
 def file_digest(path) -> bytes:
@@ -54,7 +44,7 @@ def cache_dir(source: str, tokenizer, kind: str, hf_data_files: str = "", hf_spl
     library's own cache, keyed by its name, data files and split (and the content of data files that are local).
     """
     h = hashlib.blake2b(f"{FORMAT}\0{kind}\0".encode(), digest_size=8)
-    h.update(fingerprint(tokenizer))
+    h.update(tokenizer.fingerprint())
     if source.startswith("hf:"):
         import datasets.config  # imported here: slow to import and only needed for this source
 
@@ -64,9 +54,7 @@ def cache_dir(source: str, tokenizer, kind: str, hf_data_files: str = "", hf_spl
                 h.update(file_digest(name))
         name = source[3:].replace("/", "--")
         return Path(datasets.config.HF_DATASETS_CACHE) / "nanollm" / f"{name}.{kind}-{h.hexdigest()}"
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing")
+    path = data_file(source)
     h.update(file_digest(path))
     return path.parent / ".cache" / f"{path.name}.{kind}-{h.hexdigest()}"
 

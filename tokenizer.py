@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import bisect
 import codecs
+import hashlib
 import itertools
 import json
 import os
@@ -161,7 +162,7 @@ class Tokenizer:
         try:
             base = tiktoken.get_encoding(name)
         except Exception as e:
-            raise RuntimeError(
+            raise ConnectionError(
                 f"tiktoken encoding {name!r} needs a network connection or "
                 f"TIKTOKEN_CACHE_DIR with its cached file ({type(e).__name__}); the offline "
                 f"default is the trained BPE: python prepare.py --tokenizer bpe") from e
@@ -246,6 +247,16 @@ class Tokenizer:
         os.makedirs(directory, exist_ok=True)
         write_json(os.path.join(directory, HF_FILE), data)
         write_json(os.path.join(directory, CONFIG_FILE), config)
+
+    def fingerprint(self) -> bytes:
+        """A digest of what decides the ids: the split pattern, merge ranks and special tokens. Two tokenizers
+        with the same fingerprint turn every text into the same ids."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.pat_str.encode())
+        h.update(json.dumps(self.special_ids, sort_keys=True).encode())
+        for token, rank in self.mergeable_ranks.items():
+            h.update(len(token).to_bytes(2, "little") + token + rank.to_bytes(4, "little"))
+        return h.digest()
 
     # ---- encoding ----
 
@@ -587,6 +598,13 @@ class HFTokenizer(Tokenizer):
         os.makedirs(directory, exist_ok=True)
         write_json(os.path.join(directory, HF_FILE), self.data)
         write_json(os.path.join(directory, CONFIG_FILE), config)
+
+    def fingerprint(self) -> bytes:
+        """A digest of tokenizer.json, the special tokens and the chat template: beyond the ranks, the normalizer,
+        the pre-tokenizer steps, the ids of the ranks and the chat template decide this tokenizer's ids."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps([self.data, self.special_tokens_map, self.chat_template], sort_keys=True).encode())
+        return h.digest()
 
     # ---- properties ----
 

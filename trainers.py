@@ -15,7 +15,10 @@ import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
@@ -40,6 +43,7 @@ from configs import SFTConfig, TrainConfig, exit_on_bad_input, get_config
 from dataset import PreferenceDataset, PretrainDataset, SFTDataset, format_mask, load_chats, shift_chat
 from devices import EagerFallback, autocast, peak_memory, pick_compile, pick_device, pick_dtype
 from evals import answer_accuracy
+from fileio import data_file, writable_dir
 from flops import mfu
 from hf import resolve
 from loss import DPOLoss, lm_loss, sequence_logps
@@ -50,26 +54,83 @@ from pretrained import load_pretrained
 from tokenizer import Tokenizer
 
 
+class Stopped(KeyboardInterrupt):
+    """Training stopped by a signal, after saving; `signum` is the signal's number (for the exit status)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """While training, Ctrl-C (SIGINT) and SIGTERM (`kill`, job schedulers) ask the loop to stop after the step
+    under way, where the weights, optimizer, RNG and data position agree, so that the checkpoint it then saves
+    resumes exactly. A second signal stops at once, without saving (the last checkpoint is kept).
+    Only the main thread can handle signals; elsewhere this does nothing."""
+
+    def __init__(self, log):
+        self.log, self.received, self.previous = log, 0, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signum
+        self.log(f"{signal.Signals(signum).name}: stopping after this step to save for --resume (send it again to "
+                 f"stop at once, without saving)")
+
+    def __exit__(self, *exc_info):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def check_out_dir(out_dir: Path, stage: str, resume: bool, overwrite: bool) -> None:
+    """A fresh run never replaces a checkpoint unasked, --resume needs one of its stage, and out_dir must be
+    writable: one-line errors, before anything is loaded."""
+    try:
+        saved = load_run_info(out_dir)
+    except FileNotFoundError:
+        saved = None
+    if resume and saved is None:
+        raise FileNotFoundError(f"--resume: {out_dir} holds no checkpoint to continue; leave out --resume to start "
+                                f"a run there")
+    if resume and saved.get("stage", stage) != stage:
+        raise ValueError(f"--resume: {out_dir} holds a checkpoint of the {saved['stage']} stage, not {stage}")
+    if saved is not None and not resume and not overwrite:
+        raise ValueError(f"{out_dir} already holds a {saved.get('stage', '')} checkpoint (step {saved.get('step')}): "
+                         f"pass --resume to continue it, --overwrite to replace it, or another --out_dir")
+    writable_dir(out_dir, "--out_dir")
+
+
 class Trainer:
     stage = "pretrain"
 
     def __init__(self, cfg: TrainConfig, model_overrides: dict | None = None):
         self.cfg = cfg
         self.model_overrides = model_overrides or {}
+        self.out_dir = Path(cfg.out_dir or f"checkpoint/{self.stage}")
+        check_out_dir(self.out_dir, self.stage, cfg.resume, cfg.overwrite)
         self._setup_distributed()
         self.dtype = pick_dtype(cfg.dtype, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.out_dir = Path(cfg.out_dir or f"checkpoint/{self.stage}")
         torch.manual_seed(cfg.seed + self.rank)
         self.step = self.tokens_seen = 0
         self.started = time.time()
         self.best: tuple[float, ...] | None = None  # the score (see score()) of the model in out_dir/best
+        self.metrics_bytes = 0  # the length of metrics.jsonl that belongs to this run (resume: at its save)
         self.answer_chats: list[list[dict]] = []  # held-out chats for the answer accuracy (set by chat stages)
 
         self.model, self.tokenizer = self.build_model()  # also sets self.init_source
         self.model.to(self.device)
         self.model.grad_checkpoint = cfg.grad_checkpoint
         self.seq_len = cfg.seq_len or self.model.config.max_seq_len
+        if self.seq_len > self.model.config.max_seq_len:
+            raise ValueError(f"--seq_len {self.seq_len} is longer than the model's context (max_seq_len "
+                             f"{self.model.config.max_seq_len})")
         self.build_data()
         if cfg.epochs > 0:
             global_batch = cfg.batch_size * cfg.grad_accum * self.world
@@ -145,10 +206,17 @@ class Trainer:
         """Pretraining: a fresh model of the preset, shaped for the data's tokenizer (or the checkpoint
         in init_from / out_dir when resuming). Sets init_source, the checkpoint the run started from."""
         self.init_source = self.cfg.init_from
+        data_tokenizer = Tokenizer.from_pretrained(data_path(self.cfg.data_dir))
         source = self.out_dir if self.cfg.resume else self.cfg.init_from
         if source:
-            return self.load_pretrained(source)
-        tokenizer = Tokenizer.from_pretrained(data_path(self.cfg.data_dir))
+            model, tokenizer = self.load_pretrained(source)
+            if tokenizer.fingerprint() != data_tokenizer.fingerprint():
+                raise ValueError(f"{self.cfg.data_dir} was tokenised by another tokenizer ({data_tokenizer.name}) than "
+                                 f"the one {source} was trained with ({tokenizer.name}): the model would read its "
+                                 f"ids as other text. Prepare the data with the checkpoint's tokenizer (python "
+                                 f"prepare.py --tokenizer {source} ...) or start a fresh run")
+            return model, tokenizer
+        tokenizer = data_tokenizer
         preset = self.cfg.preset
         if preset == "auto":
             preset = "tiny" if self.device.type == "cpu" else "minimind2-small"
@@ -231,6 +299,14 @@ class Trainer:
             return {k: v.pin_memory().to(self.device, non_blocking=True) for k, v in batch.items()}
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def all_reduce_max(self, value: int) -> int:
+        """The largest of the ranks' values (one int; no communication without DDP)."""
+        if not self.ddp:
+            return value
+        tensor = torch.tensor(value, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return int(tensor.item())
+
     def all_reduce_mean(self, value: torch.Tensor) -> float:
         if self.ddp:
             value = value.detach().clone()
@@ -248,72 +324,86 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self) -> dict[str, float]:
+        """Train to max_steps: evaluate at step 0 and every eval_interval steps, save every save_interval steps
+        and at the end. Ctrl-C or SIGTERM stops after the step under way and saves (StopSignals), so that --resume
+        continues from there."""
         cfg = self.cfg
+        self.start_run()
         t_log, tokens_since_log = time.time(), 0
         bad_steps = 0
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not self.master, desc=self.stage,
                    dynamic_ncols=True, file=sys.stdout)
         try:
-            while self.step < cfg.max_steps:
-                if self.step % cfg.eval_interval == 0:
-                    self.run_eval()
-                lr = self.lr_at(self.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+            with StopSignals(self.log) as signals:
+                if self.step == 0:
+                    results = self.run_eval()
+                while self.step < cfg.max_steps:
+                    signum = self.all_reduce_max(signals.received)  # every rank stops at the same step
+                    if signum:
+                        self.log(f"saving at step {self.step} so that --resume continues from here")
+                        self.save()
+                        raise Stopped(signum)
+                    lr = self.lr_at(self.step)
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
 
-                self.model.train()
-                batches = [self.next_batch() for _ in range(cfg.grad_accum)]
-                loss, metrics, loss_finite = self.run_step(batches)
+                    self.model.train()
+                    batches = [self.next_batch() for _ in range(cfg.grad_accum)]
+                    loss, metrics, loss_finite = self.run_step(batches)
 
-                self.scaler.unscale_(self.optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                           cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                # One scalar read per step: a NaN/inf loss or gradient must not reach the weights.
-                if not (torch.isfinite(grad_norm) & loss_finite).item():
-                    self.optimizer.zero_grad(set_to_none=True)
-                    scale = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
-                    self.scaler.update()  # with fp16: a lower loss scale for the next step
-                    if loss_finite.item() and scale > 1:
-                        # fp16's gradient scaler finding its scale: gradients that overflowed at this scale are
-                        # what it halves on, not a sign of divergence (GradScaler skips such steps by design).
+                    self.scaler.unscale_(self.optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                               cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+                    # One scalar read per step: a NaN/inf loss or gradient must not reach the weights.
+                    if not (torch.isfinite(grad_norm) & loss_finite).item():
+                        self.optimizer.zero_grad(set_to_none=True)
+                        scale = self.scaler.get_scale() if self.scaler.is_enabled() else 0.0
+                        self.scaler.update()  # with fp16: a lower loss scale for the next step
+                        if loss_finite.item() and scale > 1:
+                            # fp16's gradient scaler finding its scale: gradients that overflowed at this scale are
+                            # what it halves on, not a sign of divergence (GradScaler skips such steps by design).
+                            continue
+                        bad_steps += 1
+                        self.log(f"step {self.step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+                        if bad_steps >= 10:
+                            raise FloatingPointError(f"{bad_steps} non-finite steps in a row at step {self.step}; "
+                                                     f"stopping. The last good checkpoint in {self.out_dir} is kept; "
+                                                     f"try a lower --lr")
                         continue
-                    bad_steps += 1
-                    self.log(f"step {self.step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-                    if bad_steps >= 10:
-                        raise RuntimeError(f"{bad_steps} non-finite steps in a row at step {self.step}; stopping. "
-                                           f"The last good checkpoint in {self.out_dir} is kept; try a lower --lr")
-                    continue
-                bad_steps = 0
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.step += 1
-                bar.update(1)
-                step_tokens = sum(batch["input_ids"].numel() for batch in batches) * self.world
-                tokens_since_log += step_tokens
-                self.tokens_seen += step_tokens
+                    bad_steps = 0
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step += 1
+                    bar.update(1)
+                    step_tokens = sum(batch["input_ids"].numel() for batch in batches) * self.world
+                    tokens_since_log += step_tokens
+                    self.tokens_seen += step_tokens
 
-                if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
-                    dt = time.time() - t_log
-                    record = {"loss": self.all_reduce_mean(loss.detach().float()), "lr": lr,
-                              "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since_log / dt,
-                              "mfu": mfu(self.model.config, self.seq_len, tokens_since_log / dt, self.device,
-                                         self.dtype, self.world),
-                              **{k: self.all_reduce_mean(v.detach().float()) for k, v in metrics.items()}}
-                    self.write_metrics("train", record)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
-                                    tok_s=f"{record['tokens_per_s']:.0f}")
-                    t_log, tokens_since_log = time.time(), 0
-                if self.step % cfg.save_interval == 0 and self.step < cfg.max_steps:
-                    self.save()
-        except KeyboardInterrupt:
-            bar.close()
-            self.log(f"interrupted at step {self.step}: saving so that --resume continues from here")
-            self.save()
+                    last = self.step == cfg.max_steps
+                    if self.step % cfg.log_interval == 0 or last:
+                        dt = time.time() - t_log
+                        record = {"loss": self.all_reduce_mean(loss.detach().float()), "lr": lr,
+                                  "grad_norm": grad_norm.item(), "tokens_per_s": tokens_since_log / dt,
+                                  "mfu": mfu(self.model.config, self.seq_len, tokens_since_log / dt, self.device,
+                                             self.dtype, self.world),
+                                  **{k: self.all_reduce_mean(v.detach().float()) for k, v in metrics.items()}}
+                        self.write_metrics("train", record)
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{lr:.2e}",
+                                        tok_s=f"{record['tokens_per_s']:.0f}")
+                        t_log, tokens_since_log = time.time(), 0
+                    # Evaluate before saving, so a checkpoint's metrics.jsonl has its step's evaluation.
+                    if self.step % cfg.eval_interval == 0 or last:
+                        results = self.run_eval()
+                    if self.step % cfg.save_interval == 0 or last:
+                        self.save()
+        except KeyboardInterrupt as e:
+            if not isinstance(e, Stopped):
+                self.log(f"stopped at once in step {self.step}: not saved, the last checkpoint in {self.out_dir} "
+                         f"is kept")
             raise
-        bar.close()
-        results = self.run_eval()
-        self.save()
+        finally:
+            bar.close()
         return results
 
     def accumulate(self, model, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
@@ -360,6 +450,18 @@ class Trainer:
         it, then by validation loss."""
         return tuple(x for x in (results.get("answer_acc"), -results.get("val_loss", math.nan)) if x == x)  # not nan
 
+    def start_run(self):
+        """metrics.jsonl and best/ hold one run: a fresh run starts without them (the checkpoint it replaces keeps
+        until its first save), a resumed one cuts metrics.jsonl back to where its checkpoint was saved (a crash
+        since may have logged steps that are now trained again)."""
+        if not self.master:
+            return
+        path = self.out_dir / "metrics.jsonl"
+        if path.exists() and path.stat().st_size > self.metrics_bytes:
+            os.truncate(path, self.metrics_bytes)
+        if not self.cfg.resume:
+            shutil.rmtree(self.out_dir / "best", ignore_errors=True)
+
     def write_metrics(self, split: str, record: dict):
         if not self.master:
             return
@@ -379,9 +481,11 @@ class Trainer:
 
     def train_state(self) -> dict:
         """Everything besides the weights that --resume needs to continue exactly."""
+        metrics = self.out_dir / "metrics.jsonl"
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "sampler": self.sampler.state_dict(), "tokens_seen": self.tokens_seen,
-                "wall_time_s": time.time() - self.started, "best": self.best, **self._rng_state()}
+                "wall_time_s": time.time() - self.started, "best": self.best, **self._rng_state(),
+                "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
 
     def save(self):
         """Write the checkpoint (rank 0 only; the others wait so no rank runs ahead of a save)."""
@@ -416,6 +520,10 @@ class Trainer:
         """Restore optimizer, scaler, RNG and data position from out_dir (the weights came in build_model)."""
         state = load_train_state(self.out_dir)
         self.step = state["step"]
+        if self.step >= self.cfg.max_steps:
+            raise ValueError(f"--resume: {self.out_dir} is at step {self.step} already, and --max_steps is "
+                             f"{self.cfg.max_steps}: raise --max_steps to train on")
+        self.metrics_bytes = state.get("metrics_bytes", math.inf)  # checkpoints of older versions: keep it all
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         rank_rng = state.get("rank_rng")
@@ -457,6 +565,11 @@ def run_stage(trainer_cls, cfg: TrainConfig, model_overrides: dict | None = None
 
             trainer.log(write_curves(trainer.out_dir))
         return results
+    except torch.cuda.OutOfMemoryError as e:  # too large a batch for this GPU: the user's setting, not a bug
+        sys.exit(f"error: {str(e).splitlines()[0]} Lower --batch_size (raising --grad_accum keeps the global batch), "
+                 f"--seq_len, or use --grad_checkpoint")
+    except Stopped as e:
+        sys.exit(128 + e.signum)  # the shell's status for a process that the signal ended
     except KeyboardInterrupt:
         sys.exit(130)
     finally:
@@ -488,6 +601,14 @@ def load_answer_chats(cfg, given: str, log) -> list[list[dict]]:
     return chats
 
 
+def check_files(*sources: str | None) -> None:
+    """Every data file named exists (hf: sources and None aside): checked before the first is tokenised, which
+    can take minutes."""
+    for source in sources:
+        if source and not source.startswith("hf:"):
+            data_file(source)
+
+
 def chat_source(cfg, name: str, given: str) -> str | None:
     """The data of a --sft_data style flag: `given`, or '' = <data_dir>/<name>, or 'none' = none."""
     if given == "none":
@@ -514,18 +635,16 @@ class SFTTrainer(Trainer):
 
     def build_data(self):
         cfg = self.cfg
-        if self.seq_len > self.model.config.max_seq_len:
-            raise ValueError(f"seq_len {self.seq_len} is longer than the model's max_seq_len "
-                             f"{self.model.config.max_seq_len}")
         train_source = chat_source(cfg, "sft_train.jsonl", cfg.sft_data)
         if train_source is None:
             raise ValueError("--sft_data none: there must be training chats")
+        val_source = chat_source(cfg, "sft_val.jsonl", cfg.sft_val_data)
+        check_files(train_source, val_source)
         with self.rank_zero_first():  # rank 0 tokenises into the cache, the others then read it
             self.train_data = SFTDataset(train_source, self.tokenizer, self.seq_len, cfg.drop_long,
                                          **cfg.read_options())
         self.log(f"{train_source}: {self.train_data.summary()}")
         self.sampler = self.train_data.sampler(cfg.seed, self.rank, self.world)
-        val_source = chat_source(cfg, "sft_val.jsonl", cfg.sft_val_data)
         self.val_data = None
         if val_source:
             with self.rank_zero_first():
@@ -671,9 +790,11 @@ class DPOTrainer(LoRAMixin, Trainer):
     def build_data(self):
         """The pairs, and the reference on the device (precomputing its log-probabilities if asked)."""
         cfg = self.cfg
+        sources = {split: chat_source(cfg, f"dpo_{split}.jsonl", given)
+                   for split, given in (("train", cfg.train_file), ("val", cfg.val_file))}
+        check_files(*sources.values(), chat_source(cfg, "sft_val.jsonl", cfg.eval_chats) if cfg.eval_samples else None)
         data = {}
-        for split, given in (("train", cfg.train_file), ("val", cfg.val_file)):
-            source = chat_source(cfg, f"dpo_{split}.jsonl", given)
+        for split, source in sources.items():
             with self.rank_zero_first():  # rank 0 tokenises into the cache, the others then read it
                 data[split] = PreferenceDataset(source, self.tokenizer, self.seq_len, **cfg.read_options())
             self.log(f"{source}: {len(data[split])} pairs, {data[split].n_truncated} truncated to {self.seq_len} "

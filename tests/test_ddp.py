@@ -23,7 +23,7 @@ TOLERANCE = 1e-4
 
 # The constant learning rate after warmup (min_lr = lr) makes a 4-step run followed by a resumed 4 more
 # follow the same schedule as one 8-step run.
-TRAIN = dict(preset="tiny", device="cpu", seq_len=32, max_steps=8, warmup_steps=2, lr=3e-3, min_lr=3e-3,
+TRAIN = dict(device="cpu", seq_len=32, max_steps=8, warmup_steps=2, lr=3e-3, min_lr=3e-3,
              eval_interval=4, eval_iters=2, log_interval=1, save_interval=100, compile="false")
 
 

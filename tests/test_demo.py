@@ -86,15 +86,26 @@ def test_a_prompt_longer_than_the_context_is_cut_from_the_left_with_a_notice(tmp
 
 def test_oldest_turns_are_dropped_first(tokenizer):
     turns = [(f"question {i}", f"answer {i}") for i in range(6)]
-    full, kept = demo.chat_prompt(tokenizer, "sys", turns, "new", budget=10_000)
-    assert kept == 6
-    ids, kept = demo.chat_prompt(tokenizer, "sys", turns, "new", budget=len(full) - 1)
-    assert kept == 5 and len(ids) < len(full)
-    ids, kept = demo.chat_prompt(tokenizer, "sys", turns, "new", budget=len(full) // 2)
-    text = tokenizer.decode(ids)
-    assert 0 < kept < 5 and len(ids) <= len(full) // 2
-    assert "sys" in text and "answer 5" in text and text.endswith("new<|im_end|>\n<|im_start|>assistant\n")
-    assert "question 0" not in text
+
+    def reference(kept: int) -> list[int]:
+        """The template applied to the whole conversation at once: the last `kept` turns and the new message."""
+        history = [{"role": role, "content": text} for turn in turns[len(turns) - kept:]
+                   for role, text in zip(("user", "assistant"), turn)]
+        return tokenizer.apply_chat_template([{"role": "system", "content": "sys"}, *history,
+                                              {"role": "user", "content": "new"}], add_generation_prompt=True)
+
+    def prompt(budget: int) -> tuple[list[int], int]:
+        chat = demo.Conversation(tokenizer, "sys", budget)
+        for user, reply in turns:
+            chat.add(user, reply)
+        return chat.prompt("new")
+
+    full = reference(6)
+    assert prompt(10_000) == (full, 6)
+    assert prompt(len(full) - 1) == (reference(5), 5)
+    ids, kept = prompt(len(full) // 2)
+    assert 0 < kept < 5 and ids == reference(kept)
+    assert len(ids) <= len(full) // 2 < len(reference(kept + 1))  # the most turns that fit
 
 
 def test_stream_decoder_holds_back_partial_characters(tokenizer):

@@ -161,7 +161,7 @@ def test_bad_input_gives_one_clear_line(tmp_path):
         _prepare(tmp_path, _write(tmp_path / "docs.txt"), vocab_size=70_000, dtype="uint16")
 
 
-def test_command_line_prints_the_error_instead_of_a_traceback(tmp_path, capsys):
-    assert prepare.main(["--source", str(tmp_path / "nope.jsonl"), "--out_dir", str(tmp_path / "out")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "nope.jsonl: no such file" in err and len(err.splitlines()) == 1
+def test_command_line_prints_the_error_instead_of_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: .*nope\.jsonl: no such file$"):
+        prepare.main(["--source", str(tmp_path / "nope.jsonl"), "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

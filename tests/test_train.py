@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,7 +12,8 @@ import torch
 import checkpoint
 from configs import ModelConfig, TrainConfig, parse_train_args
 from model import GPT
-from tests.helpers import TINY_MODEL, crash_during_step, make_trainer
+from tests.helpers import TINY_MODEL, crash_during_step, during_step, make_trainer
+from trainers import Stopped
 
 DROPOUT = {"dropout": 0.1}  # so that resuming must restore the RNG too
 
@@ -49,12 +51,30 @@ def test_interrupted_run_resumes_to_the_same_loss(data_dir, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_keyboard_interrupt_saves_a_resumable_checkpoint(data_dir, tmp_path):
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(data_dir, tmp_path):
+    expected = make_trainer(data_dir, tmp_path / "whole", DROPOUT).train()["val_loss"]
     trainer = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT)
-    crash_during_step(trainer, 5, KeyboardInterrupt())  # Ctrl-C during step 5
-    with pytest.raises(KeyboardInterrupt):
+    during_step(trainer, 5, lambda: os.kill(os.getpid(), signal.SIGINT))  # Ctrl-C in the middle of step 5
+    with pytest.raises(Stopped, match="SIGINT"):
         trainer.train()
-    assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 5
+    assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 6  # step 5 was finished, then saved
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back after training
+    resumed = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT, resume=True)
+    assert resumed.train()["val_loss"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT)
+
+    def press_twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    during_step(trainer, 10, press_twice)  # after the checkpoint of step 8
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        trainer.train()
+    assert not isinstance(stopped.value, Stopped)
+    assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 8
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, tokenizer):
@@ -208,5 +228,5 @@ def test_grad_scaler_calibration_is_not_counted_as_divergence(data_dir, tmp_path
     nan_loss = make_trainer(data_dir, tmp_path / "nan", max_steps=4)
     nan_loss.scaler = torch.amp.GradScaler("cpu")
     nan_loss.compute_loss = lambda model, batch: (compute_loss(model, batch)[0] * float("nan"), {})
-    with pytest.raises(RuntimeError, match="10 non-finite steps in a row"):
+    with pytest.raises(FloatingPointError, match="10 non-finite steps in a row"):
         nan_loss.train()
