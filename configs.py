@@ -117,7 +117,7 @@ class TrainConfig:
     data_dir: str = option("prepared data directory (from prepare.py)", default=DEFAULT_DATA_DIR)
     out_dir: str = option("where checkpoints and metrics go; '' = checkpoint/<stage>", default="")
     init_from: str = option("checkpoint directory to start from; '' = the stage's default (SFT: the latest "
-                            "checkpoint/pretrain; LoRA: sft, else pretrain; DPO: sft)", default="")
+                            "checkpoint/pretrain; LoRA: sft, else pretrain; DPO, reward, GRPO, PPO: sft)", default="")
     resume: bool = option("continue the run saved in out_dir (model, optimizer, RNG, data position)", default=False)
     device: str = option("'auto' (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps", default="auto")
     dtype: str = option("'auto' (bf16 on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU/MPS), "
@@ -287,7 +287,34 @@ class LoRAConfig(LoRAOptions, SFTConfig):
 
 
 @dataclass
-class DPOConfig(LoRAOptions, FineTuneOptions, TrainConfig):
+class OptionalLoRA(LoRAOptions):
+    """--lora and the adapter options, for the stages that train the whole model unless asked (DPO, the reward
+    model, GRPO, PPO)."""
+
+    lora: bool = option("train LoRA adapters (the lora_* options) on the frozen starting model; the reference is "
+                        "the same network with the adapters off, so no second copy is held. Adapters take a "
+                        "higher --lr than full fine-tuning", default=False)
+
+
+@dataclass
+class AlignOptions(OptionalLoRA):
+    """Options of the stages that align the SFT chat model (DPO, GRPO, PPO)."""
+
+    eval_chats: str = option("held-out chats for the answer accuracy before, during and after training; '' = "
+                             "<data_dir>/sft_val.jsonl", default="")
+
+
+@dataclass
+class PreferenceOptions:
+    """The preference pairs of DPO and the reward model."""
+
+    train_file: str = option("preference pairs: a .jsonl file or hf:<dataset>; '' = <data_dir>/dpo_train.jsonl",
+                             default="")
+    val_file: str = option("validation pairs, same forms; '' = <data_dir>/dpo_val.jsonl", default="")
+
+
+@dataclass
+class DPOConfig(PreferenceOptions, AlignOptions, FineTuneOptions, TrainConfig):
     """Direct preference optimisation (train_dpo.py): TrainConfig's options with DPO's defaults, plus its own
     (and the lora_* options, used with --lora)."""
 
@@ -300,17 +327,99 @@ class DPOConfig(LoRAOptions, FineTuneOptions, TrainConfig):
     eval_interval: int = 30
     log_interval: int = 1
     save_interval: int = 30
-    train_file: str = option("preference pairs: a .jsonl file or hf:<dataset>; '' = <data_dir>/dpo_train.jsonl",
-                             default="")
-    val_file: str = option("validation pairs, same forms; '' = <data_dir>/dpo_val.jsonl", default="")
     beta: float = option("DPO beta: strength of the pull towards the reference model", default=0.1)
     loss_type: str = option("sigmoid (DPO), ipo or hinge", default="sigmoid")
     label_smoothing: float = option("conservative DPO: assumed probability that a preference is flipped (sigmoid)",
                                     default=0.0)
     precompute_ref: bool = option("compute the reference log-probabilities once, then free the reference model",
                                   default=False)
-    lora: bool = option("train LoRA adapters (the lora_* options) on the frozen starting model; the reference is "
-                        "the same network with the adapters off, so no second copy is held. Adapters take a "
-                        "higher --lr than full fine-tuning", default=False)
-    eval_chats: str = option("held-out chats for the answer accuracy before, during and after DPO; '' = "
-                             "<data_dir>/sft_val.jsonl", default="")
+
+
+@dataclass
+class RewardConfig(PreferenceOptions, OptionalLoRA, FineTuneOptions, TrainConfig):
+    """A Bradley-Terry reward model (train_reward.py): the SFT model's trunk with a scalar head, on preference pairs."""
+
+    batch_size: int = 8
+    max_steps: int = 150
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_interval: int = 50
+    eval_samples: int = 0  # a reward model does not answer questions
+    save_interval: int = 50
+    center_rewards_coefficient: float | None = option("add this times mean((r_chosen + r_rejected)^2) to the loss, "
+                                                      "keeping the rewards centred on 0; None = off", default=None)
+
+
+@dataclass
+class RolloutOptions:
+    """Options of the stages that learn from sampled completions and their rewards (GRPO, PPO).
+
+    Each optimizer step samples completions for batch_size * grad_accum prompts (per process), scores them and
+    trains on them; num_iterations > 1 trains that many steps on each batch of completions.
+    """
+
+    train_file: str = option("prompts: chats whose first user turn is the prompt and whose first reply is the "
+                             "expected answer (any SFT chat format), a .jsonl file or hf:<dataset>; '' = "
+                             "<data_dir>/sft_train.jsonl", default="")
+    num_generations: int = option("completions sampled per prompt", default=8)
+    max_completion_length: int = option("longest completion, in tokens", default=32)
+    temperature: float = option("sampling temperature of the completions", default=1.0)
+    top_k: int | None = option("sample the completions from the k most likely tokens; None = all", default=None)
+    top_p: float | None = option("sample the completions from the nucleus of probability p; None = all",
+                                 default=None)
+    num_iterations: int = option("optimizer steps on each batch of completions (GRPO's mu, PPO's epochs)", default=1)
+    epsilon: float = option("clip the policy's probability ratio to [1 - epsilon, 1 + epsilon]", default=0.2)
+    beta: float = option("weight of the KL penalty to the reference, the starting model (GRPO: in the loss; PPO: in "
+                         "each token's reward); 0 = no reference model", default=0.0)
+    correct_reward: float = option("reward for a reply that is the expected answer (evals.answer_matches)",
+                                   default=1.0)
+    format_reward: float = option("reward for a non-empty reply that ends with <|im_end|>", default=0.1)
+    reward_model: str = option("a reward-model checkpoint (train_reward.py) whose score is added to the reward; "
+                               "'' = none", default="")
+    reward_model_weight: float = option("weight of the reward model's score", default=1.0)
+
+
+@dataclass
+class GRPOConfig(RolloutOptions, AlignOptions, FineTuneOptions, TrainConfig):
+    """Group relative policy optimisation (train_grpo.py): the SFT model rewarded for correct answers."""
+
+    batch_size: int = 4
+    max_steps: int = 60
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    eval_interval: int = 20
+    log_interval: int = 1
+    save_interval: int = 20
+    epsilon_high: float | None = option("upper clip of the ratio, 1 + epsilon_high (DAPO's clip-higher); None = "
+                                        "epsilon", default=None)
+    loss_type: str = option("grpo (mean over each completion, then over completions), bnpo (over all tokens) or "
+                            "dr_grpo (sum / (completions x max_completion_length))", default="grpo")
+    scale_rewards: str = option("divide the advantages by the std of the rewards of each prompt's group, of the "
+                                "batch, or none", default="group")
+
+
+@dataclass
+class PPOConfig(RolloutOptions, AlignOptions, FineTuneOptions, TrainConfig):
+    """PPO with a value head (train_ppo.py): the SFT model rewarded for correct answers, minus a KL penalty."""
+
+    batch_size: int = 16
+    max_steps: int = 60
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    eval_interval: int = 20
+    log_interval: int = 1
+    save_interval: int = 20
+    num_generations: int = 1
+    num_iterations: int = 4
+    beta: float = 0.05
+    gamma: float = option("discount per token in GAE", default=1.0)
+    lam: float = option("GAE lambda: 1 = Monte-Carlo returns, 0 = one-step TD", default=0.95)
+    cliprange_value: float = option("clip the new values to within this of the values at sampling time",
+                                    default=0.2)
+    vf_coef: float = option("weight of the value loss", default=0.1)

@@ -179,7 +179,7 @@ class Demo:
         self.device = pick_device(cfg.device)
         compile_decoding = pick_compile(cfg.compile, self.device)  # checks --compile before the checkpoint loads
         if cfg.checkpoint is None:
-            found = latest_checkpoint("checkpoint")
+            found = latest_checkpoint("checkpoint", exclude=("reward",))  # a reward model scores, it does not chat
             if found is None:
                 raise FileNotFoundError(f"no checkpoint under checkpoint/; train one first: {TRAIN_FIRST}")
             info(f"checkpoint: {found} (the newest under checkpoint/; --checkpoint DIR picks another)")
