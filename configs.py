@@ -382,10 +382,9 @@ class RolloutOptions:
 
 
 @dataclass
-class GRPOConfig(RolloutOptions, AlignOptions, FineTuneOptions, TrainConfig):
-    """Group relative policy optimisation (train_grpo.py): the SFT model rewarded for correct answers."""
+class RolloutConfig(RolloutOptions, AlignOptions, FineTuneOptions, TrainConfig):
+    """The defaults GRPO and PPO share: a few minutes of training on a 2-core CPU."""
 
-    batch_size: int = 4
     max_steps: int = 60
     lr: float = 1e-4
     min_lr: float = 1e-5
@@ -394,6 +393,13 @@ class GRPOConfig(RolloutOptions, AlignOptions, FineTuneOptions, TrainConfig):
     eval_interval: int = 20
     log_interval: int = 1
     save_interval: int = 20
+
+
+@dataclass
+class GRPOConfig(RolloutConfig):
+    """Group relative policy optimisation (train_grpo.py): the SFT model rewarded for correct answers."""
+
+    batch_size: int = 4
     epsilon_high: float | None = option("upper clip of the ratio, 1 + epsilon_high (DAPO's clip-higher); None = "
                                         "epsilon", default=None)
     loss_type: str = option("grpo (mean over each completion, then over completions), bnpo (over all tokens) or "
@@ -403,18 +409,10 @@ class GRPOConfig(RolloutOptions, AlignOptions, FineTuneOptions, TrainConfig):
 
 
 @dataclass
-class PPOConfig(RolloutOptions, AlignOptions, FineTuneOptions, TrainConfig):
+class PPOConfig(RolloutConfig):
     """PPO with a value head (train_ppo.py): the SFT model rewarded for correct answers, minus a KL penalty."""
 
     batch_size: int = 16
-    max_steps: int = 60
-    lr: float = 1e-4
-    min_lr: float = 1e-5
-    warmup_steps: int = 5
-    weight_decay: float = 0.0
-    eval_interval: int = 20
-    log_interval: int = 1
-    save_interval: int = 20
     num_generations: int = 1
     num_iterations: int = 4
     beta: float = 0.05

@@ -122,6 +122,13 @@ def starts_with_a_letter_or_space(text: str) -> bool:
     return text[:1].isascii() and (text[:1].isalpha() or text[:1] == " ")
 
 
+def reward_a_letter_or_space_first(trainer, tokenizer) -> torch.Tensor:
+    """Make trainer reward a reply that starts with an ASCII letter or a space; returns the tokens that do (a mask
+    over the vocabulary)."""
+    trainer.reward = lambda reply, answer, ended: float(starts_with_a_letter_or_space(reply))
+    return torch.tensor([starts_with_a_letter_or_space(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)])
+
+
 def first_token_mass(trainer, rewarded: torch.Tensor) -> float:
     """The policy's probability that a reply starts with a rewarded token, averaged over the prompts."""
     prompts = [trainer.train_data.prompt(i)[0] for i in range(16)]
@@ -134,13 +141,10 @@ def first_token_mass(trainer, rewarded: torch.Tensor) -> float:
 def test_grpo_raises_the_reward_of_a_rewarded_first_token(rl_setup, tokenizer):
     # One-token completions: the reward is the token's, and every gradient is about it.
     trainer = make_rl(GRPOTrainer, rl_setup, max_steps=10, batch_size=4, num_generations=8, max_completion_length=1)
-    # Reward a reply that starts with an ASCII letter or a space: a first token that does.
-    rewarded = torch.tensor([starts_with_a_letter_or_space(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)])
-    trainer.reward = lambda reply, answer, ended: float(starts_with_a_letter_or_space(reply))
+    rewarded = reward_a_letter_or_space_first(trainer, tokenizer)
     before = first_token_mass(trainer, rewarded)
     trainer.train()
     after = first_token_mass(trainer, rewarded)
-    print(before, after)
     assert 0.05 < before < 0.8
     assert after > before + 0.1
     records = train_records(rl_setup / "grpo")
@@ -148,9 +152,9 @@ def test_grpo_raises_the_reward_of_a_rewarded_first_token(rl_setup, tokenizer):
     assert {"rollout/frac_reward_zero_std", "rollout/completion_length", "clip_ratio/region_mean"} <= set(records[0])
 
 
-def test_grpo_with_kl_and_several_iterations_keeps_the_reference_frozen(rl_setup):
+def test_grpo_with_kl_and_several_iterations_keeps_the_reference_frozen(rl_setup, tokenizer):
     trainer = make_rl(GRPOTrainer, rl_setup, beta=0.1, num_iterations=2, epsilon_high=0.28, loss_type="dr_grpo")
-    trainer.reward = lambda reply, answer, ended: float(starts_with_a_letter_or_space(reply))
+    reward_a_letter_or_space_first(trainer, tokenizer)
     start = {k: v.clone() for k, v in trainer.reference.state_dict().items()}
     trainer.train()
     records = train_records(rl_setup / "grpo")
@@ -160,23 +164,28 @@ def test_grpo_with_kl_and_several_iterations_keeps_the_reference_frozen(rl_setup
     assert all(math.isfinite(v) for r in records for v in r.values() if isinstance(v, float))
 
 
-def test_grpo_resumes_exactly(rl_setup):
+def check_exact_resume(cls, root):
+    """A run of cls interrupted at step 3 and resumed from its checkpoint ends with the weights and losses of an
+    uninterrupted one."""
     def run(out, **kw):
-        return make_rl(GRPOTrainer, rl_setup, out_dir=str(rl_setup / out), max_steps=5, num_iterations=2, **kw)
+        return make_rl(cls, root, out_dir=str(root / out), max_steps=5, num_iterations=2, **kw)
 
     whole = run("whole")
     whole.train()
     crashing = run("resumed")
-    crash_during_step(crashing, 3, KeyboardInterrupt())  # step 3 trains on the completions sampled at step 2
+    crash_during_step(crashing, 3, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         crashing.train()
     resumed = run("resumed", resume=True)
-    assert resumed.step == 3 and len(resumed.queue) == 1
+    assert resumed.step == 3 and len(resumed.queue) == 1  # step 3: the second pass over step 2's completions
     resumed.train()
     for name, value in whole.model.state_dict().items():
         assert torch.equal(value, resumed.model.state_dict()[name]), name
-    assert [r["loss"] for r in train_records(rl_setup / "whole")] == [r["loss"] for r in train_records(
-        rl_setup / "resumed")]
+    assert [r["loss"] for r in train_records(root / "whole")] == [r["loss"] for r in train_records(root / "resumed")]
+
+
+def test_grpo_resumes_exactly(rl_setup):
+    check_exact_resume(GRPOTrainer, rl_setup)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -238,8 +247,7 @@ def test_reward_model_learns_the_pairs_and_scores_rollouts(rl_setup):
 # ----------------------------------------------------------------------------- PPO
 def test_ppo_raises_the_reward_and_its_critic_learns(rl_setup, tokenizer):
     trainer = make_rl(PPOTrainer, rl_setup, max_steps=10, batch_size=16, num_iterations=2, max_completion_length=1)
-    rewarded = torch.tensor([starts_with_a_letter_or_space(tokenizer.decode([i])) for i in range(tokenizer.vocab_size)])
-    trainer.reward = lambda reply, answer, ended: float(starts_with_a_letter_or_space(reply))
+    rewarded = reward_a_letter_or_space_first(trainer, tokenizer)
     before = first_token_mass(trainer, rewarded)
     trainer.train()
     assert first_token_mass(trainer, rewarded) > before + 0.1
@@ -249,26 +257,14 @@ def test_ppo_raises_the_reward_and_its_critic_learns(rl_setup, tokenizer):
 
 
 def test_ppo_checkpoint_is_a_plain_gpt_plus_its_head_and_resumes_exactly(rl_setup):
-    def run(out, **kw):
-        return make_rl(PPOTrainer, rl_setup, out_dir=str(rl_setup / out), max_steps=4, num_iterations=2, **kw)
-
-    whole = run("whole")
-    whole.train()
-    crashing = run("resumed")
-    crash_during_step(crashing, 3, KeyboardInterrupt())
-    with pytest.raises(KeyboardInterrupt):
-        crashing.train()
-    resumed = run("resumed", resume=True)
-    resumed.train()
-    for name, value in whole.model.state_dict().items():
-        assert torch.equal(value, resumed.model.state_dict()[name]), name
+    check_exact_resume(PPOTrainer, rl_setup)
     assert GPT.from_pretrained(rl_setup / "whole").value_head is None
     assert (rl_setup / "whole" / checkpoint.VALUE_HEAD).exists()
 
 
-def test_lora_grpo_and_ppo_train_adapters_and_the_value_head_only(rl_setup):
+def test_lora_grpo_and_ppo_train_adapters_and_the_value_head_only(rl_setup, tokenizer):
     grpo = make_rl(GRPOTrainer, rl_setup, lora=True, beta=0.1, max_steps=2, lora_r=4)
-    grpo.reward = lambda reply, answer, ended: float(starts_with_a_letter_or_space(reply))
+    reward_a_letter_or_space_first(grpo, tokenizer)
     base = {k: v.clone() for k, v in grpo.model.state_dict().items() if ".lora_" not in k}
     grpo.train()
     assert all(torch.equal(v, grpo.model.state_dict()[k]) for k, v in base.items())
