@@ -244,6 +244,17 @@ def test_reward_model_learns_the_pairs_and_scores_rollouts(rl_setup):
     assert records[0]["rollout/reward"] == records[0]["rollout/reward_model"] != 0
 
 
+def test_lora_reward_model_saves_adapters_and_head_and_loads_for_scoring(rl_setup):
+    trainer = make_reward(rl_setup, lora=True, lora_r=4, max_steps=5)
+    trainer.train()
+    assert {p.name for p in (rl_setup / "reward").iterdir()} >= {"adapter.safetensors", checkpoint.VALUE_HEAD}
+    model, _ = load_reward_model(rl_setup / "reward")
+    batch = next(trainer.eval_batches("val"))
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(trainer.compute_loss(model, batch)[0], trainer.compute_loss(trainer.model, batch)[0])
+
+
 # ----------------------------------------------------------------------------- PPO
 def test_ppo_raises_the_reward_and_its_critic_learns(rl_setup, tokenizer):
     trainer = make_rl(PPOTrainer, rl_setup, max_steps=10, batch_size=16, num_iterations=2, max_completion_length=1)
