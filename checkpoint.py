@@ -2,6 +2,7 @@
 
 A checkpoint is a directory (e.g. checkpoint/pretrain/) holding:
   model.safetensors   the weights (safetensors: loading never unpickles code)
+  value_head.safetensors  only for a model with a value head (a reward model, a PPO policy and its critic)
   config.json         the ModelConfig
   run.json            stage, step, the checkpoint it started from, the training config
   tokenizer.tiktoken, tokenizer_config.json   the tokenizer, so the directory stands alone
@@ -30,6 +31,7 @@ from configs import ModelConfig
 from fileio import write_json
 
 WEIGHTS = "model.safetensors"
+VALUE_HEAD = "value_head.safetensors"
 
 
 def _nested(directory: Path) -> list[Path]:
@@ -62,11 +64,12 @@ def _kept(directory: Path) -> str:
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights to save: contiguous copies, the tied output head left out (it is the embedding)."""
+    """The weights to save: contiguous copies, the tied output head left out (it is the embedding), and the
+    value head left out too (it has its own file, so that model.safetensors always loads as a plain GPT)."""
     state = model.state_dict()
     if getattr(model.config, "tie_embeddings", False):
         state.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if not k.startswith("value_head.")}
 
 
 def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: dict | None = None,
@@ -89,6 +92,9 @@ def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: di
         tmp.mkdir()
         if save_weights:
             save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt"})
+        if getattr(model, "value_head", None) is not None:  # adapter-only checkpoints keep their trained head too
+            head = {k: v.detach().contiguous().cpu() for k, v in model.value_head.state_dict().items()}
+            save_file(head, tmp / VALUE_HEAD, metadata={"format": "pt"})
         for name, tensors in (extra_files or {}).items():
             save_file(tensors, tmp / name, metadata={"format": "pt"})
         for name, obj in (extra_json or {}).items():
@@ -177,6 +183,16 @@ def load_weights(model: torch.nn.Module, directory, device="cpu") -> None:
     model.load_state_dict(loaded, strict=True)
 
 
+def load_value_head(model: torch.nn.Module, directory) -> None:
+    """Load value_head.safetensors into model.value_head (add_value_head first), checking that it matches."""
+    path = _checked_dir(directory) / VALUE_HEAD
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing, so {directory} holds no value head (no reward model or PPO run)")
+    loaded = read_tensors(path)
+    check_state_matches(model.value_head.state_dict(), loaded, str(path))
+    model.value_head.load_state_dict(loaded, strict=True)
+
+
 def load_train_state(directory) -> dict:
     path = _checked_dir(directory) / "train_state.pt"
     if not path.exists():
@@ -200,15 +216,16 @@ def describe(directory) -> str:
     return f"{directory} (step {info.get('step')}{': ' + scores if scores else ''})"
 
 
-def latest_checkpoint(root="checkpoint", stages: tuple[str, ...] | None = None) -> Path | None:
-    """The most recently written checkpoint directory under root (among `stages` if given): full checkpoints
-    and LoRA adapter-only ones alike, as every checkpoint holds a config.json."""
+def latest_checkpoint(root="checkpoint", stages: tuple[str, ...] | None = None,
+                      exclude: tuple[str, ...] = ()) -> Path | None:
+    """The most recently written checkpoint directory under root (among `stages` if given, never one named in
+    exclude): full checkpoints and LoRA adapter-only ones alike, as every checkpoint holds a config.json."""
     root = Path(root)
     if not root.is_dir():
         return None
     for d in root.iterdir():
         if d.name.endswith(".old"):
             _recover(d.with_name(d.name[:-4]))
-    names = stages if stages is not None else [d.name for d in root.iterdir()]
+    names = [n for n in (stages if stages is not None else [d.name for d in root.iterdir()]) if n not in exclude]
     found = [root / n for n in names if (root / n / "config.json").exists() and not n.endswith((".tmp", ".old"))]
     return max(found, key=lambda d: (d / "config.json").stat().st_mtime) if found else None

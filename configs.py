@@ -195,7 +195,7 @@ class TrainConfig:
     data_dir: str = option("prepared data directory (from prepare.py)", default=DEFAULT_DATA_DIR)
     out_dir: str = option("where checkpoints and metrics go; '' = checkpoint/<stage>", default="")
     init_from: str = option("checkpoint directory to start from; '' = the stage's default (SFT: the latest "
-                            "checkpoint/pretrain; LoRA: sft, else pretrain; DPO: sft)", default="")
+                            "checkpoint/pretrain; LoRA: sft, else pretrain; DPO, reward, GRPO, PPO: sft)", default="")
     resume: bool = option("continue the run saved in out_dir (model, optimizer, RNG, data position)", default=False)
     overwrite: bool = option("replace the checkpoint already in out_dir (without this, a fresh run refuses to)",
                              default=False)
@@ -429,7 +429,34 @@ class LoRAConfig(LoRAOptions, SFTConfig):
 
 
 @dataclass
-class DPOConfig(LoRAOptions, FineTuneOptions, TrainConfig):
+class OptionalLoRA(LoRAOptions):
+    """--lora and the adapter options, for the stages that train the whole model unless asked (DPO, the reward
+    model, GRPO, PPO)."""
+
+    lora: bool = option("train LoRA adapters (the lora_* options) on the frozen starting model; the reference is "
+                        "the same network with the adapters off, so no second copy is held. Adapters take a "
+                        "higher --lr than full fine-tuning", default=False)
+
+
+@dataclass
+class AlignOptions(OptionalLoRA):
+    """Options of the stages that align the SFT chat model (DPO, GRPO, PPO)."""
+
+    eval_chats: str = option("held-out chats for the answer accuracy before, during and after training; '' = "
+                             "<data_dir>/sft_val.jsonl", default="")
+
+
+@dataclass
+class PreferenceOptions:
+    """The preference pairs of DPO and the reward model."""
+
+    train_file: str = option("preference pairs: a .jsonl file or hf:<dataset>; '' = <data_dir>/dpo_train.jsonl",
+                             default="")
+    val_file: str = option("validation pairs, same forms; '' = <data_dir>/dpo_val.jsonl", default="")
+
+
+@dataclass
+class DPOConfig(PreferenceOptions, AlignOptions, FineTuneOptions, TrainConfig):
     """Direct preference optimisation (train_dpo.py): TrainConfig's options with DPO's defaults, plus its own
     (and the lora_* options, used with --lora)."""
 
@@ -442,17 +469,130 @@ class DPOConfig(LoRAOptions, FineTuneOptions, TrainConfig):
     eval_interval: int = 30
     log_interval: int = 1
     save_interval: int = 30
-    train_file: str = option("preference pairs: a .jsonl file or hf:<dataset>; '' = <data_dir>/dpo_train.jsonl",
-                             default="")
-    val_file: str = option("validation pairs, same forms; '' = <data_dir>/dpo_val.jsonl", default="")
     beta: float = option("DPO beta: strength of the pull towards the reference model", default=0.1)
     loss_type: str = option("sigmoid (DPO), ipo or hinge", default="sigmoid")
     label_smoothing: float = option("conservative DPO: assumed probability that a preference is flipped (sigmoid)",
                                     default=0.0)
     precompute_ref: bool = option("compute the reference log-probabilities once, then free the reference model",
                                   default=False)
-    lora: bool = option("train LoRA adapters (the lora_* options) on the frozen starting model; the reference is "
-                        "the same network with the adapters off, so no second copy is held. Adapters take a "
-                        "higher --lr than full fine-tuning", default=False)
-    eval_chats: str = option("held-out chats for the answer accuracy before, during and after DPO; '' = "
-                             "<data_dir>/sft_val.jsonl", default="")
+
+
+@dataclass
+class RewardConfig(PreferenceOptions, OptionalLoRA, FineTuneOptions, TrainConfig):
+    """A Bradley-Terry reward model (train_reward.py): the SFT model's trunk with a scalar head, on preference pairs."""
+
+    batch_size: int = 8
+    max_steps: int = 150
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    eval_interval: int = 50
+    eval_samples: int = 0  # a reward model does not answer questions
+    save_interval: int = 50
+    center_rewards_coefficient: float | None = option("add this times mean((r_chosen + r_rejected)^2) to the loss, "
+                                                      "keeping the rewards centred on 0; None = off", default=None)
+
+    def validate(self):
+        super().validate()
+        check_options(self, [("center_rewards_coefficient", (self.center_rewards_coefficient or 0) >= 0,
+                              "must be >= 0 (or None)")])
+
+
+@dataclass
+class RolloutOptions:
+    """Options of the stages that learn from sampled completions and their rewards (GRPO, PPO).
+
+    Each optimizer step samples completions for batch_size * grad_accum prompts (per process), scores them and
+    trains on them; num_iterations > 1 trains that many steps on each batch of completions.
+    """
+
+    train_file: str = option("prompts: chats whose first user turn is the prompt and whose first reply is the "
+                             "expected answer (any SFT chat format), a .jsonl file or hf:<dataset>; '' = "
+                             "<data_dir>/sft_train.jsonl", default="")
+    num_generations: int = option("completions sampled per prompt", default=8)
+    max_completion_length: int = option("longest completion, in tokens", default=32)
+    temperature: float = option("sampling temperature of the completions", default=1.0)
+    top_k: int | None = option("sample the completions from the k most likely tokens; None = all", default=None)
+    top_p: float | None = option("sample the completions from the nucleus of probability p; None = all",
+                                 default=None)
+    num_iterations: int = option("optimizer steps on each batch of completions (GRPO's mu, PPO's epochs)", default=1)
+    epsilon: float = option("clip the policy's probability ratio to [1 - epsilon, 1 + epsilon]", default=0.2)
+    beta: float = option("weight of the KL penalty to the reference, the starting model (GRPO: in the loss; PPO: in "
+                         "each token's reward); 0 = no reference model", default=0.0)
+    correct_reward: float = option("reward for a reply that is the expected answer (evals.answer_matches)",
+                                   default=1.0)
+    format_reward: float = option("reward for a non-empty reply that ends with <|im_end|>", default=0.1)
+    reward_model: str = option("a reward-model checkpoint (train_reward.py) whose score is added to the reward; "
+                               "'' = none", default="")
+    reward_model_weight: float = option("weight of the reward model's score", default=1.0)
+
+    def validate(self):  # mixed in before TrainConfig, whose validate() comes first
+        super().validate()
+        check_options(self, [
+            *((name, getattr(self, name) >= 1, "must be >= 1") for name in (
+                "num_generations", "max_completion_length", "num_iterations")),
+            ("temperature", self.temperature >= 0, "must be >= 0 (0 = greedy)"),
+            ("top_k", self.top_k is None or self.top_k >= 1, "must be >= 1 (or None)"),
+            ("top_p", self.top_p is None or 0 < self.top_p <= 1, "must be in (0, 1] (or None)"),
+            ("epsilon", self.epsilon > 0, "must be > 0"),
+            ("beta", self.beta >= 0, "must be >= 0 (0 = no reference model)")])
+
+
+@dataclass
+class RolloutConfig(RolloutOptions, AlignOptions, FineTuneOptions, TrainConfig):
+    """The defaults GRPO and PPO share: a few minutes of training on a 2-core CPU."""
+
+    max_steps: int = 60
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    eval_interval: int = 20
+    log_interval: int = 1
+    save_interval: int = 20
+
+
+@dataclass
+class GRPOConfig(RolloutConfig):
+    """Group relative policy optimisation (train_grpo.py): the SFT model rewarded for correct answers."""
+
+    batch_size: int = 4
+    epsilon_high: float | None = option("upper clip of the ratio, 1 + epsilon_high (DAPO's clip-higher); None = "
+                                        "epsilon", default=None)
+    loss_type: str = option("grpo (mean over each completion, then over completions), bnpo (over all tokens) or "
+                            "dr_grpo (sum / (completions x max_completion_length))", default="grpo")
+    scale_rewards: str = option("divide the advantages by the std of the rewards of each prompt's group, of the "
+                                "batch, or none", default="group")
+
+    def validate(self):
+        from loss import GRPO_LOSS_TYPES, SCALE_REWARDS  # here, not at the top: configs.py does not import torch
+
+        super().validate()
+        check_options(self, [
+            ("num_generations", self.num_generations >= 2, "must be >= 2 for GRPO (a group of one has no advantage)"),
+            ("epsilon_high", self.epsilon_high is None or self.epsilon_high > 0, "must be > 0 (or None)"),
+            ("loss_type", self.loss_type in GRPO_LOSS_TYPES, f"must be one of {', '.join(GRPO_LOSS_TYPES)}"),
+            ("scale_rewards", self.scale_rewards in SCALE_REWARDS, f"must be one of {', '.join(SCALE_REWARDS)}")])
+
+
+@dataclass
+class PPOConfig(RolloutConfig):
+    """PPO with a value head (train_ppo.py): the SFT model rewarded for correct answers, minus a KL penalty."""
+
+    batch_size: int = 16
+    num_generations: int = 1
+    num_iterations: int = 4
+    beta: float = 0.05
+    gamma: float = option("discount per token in GAE", default=1.0)
+    lam: float = option("GAE lambda: 1 = Monte-Carlo returns, 0 = one-step TD", default=0.95)
+    cliprange_value: float = option("clip the new values to within this of the values at sampling time",
+                                    default=0.2)
+    vf_coef: float = option("weight of the value loss", default=0.1)
+
+    def validate(self):
+        super().validate()
+        check_options(self, [("gamma", 0 <= self.gamma <= 1, "must be between 0 and 1"),
+                             ("lam", 0 <= self.lam <= 1, "must be between 0 and 1"),
+                             ("cliprange_value", self.cliprange_value > 0, "must be > 0"),
+                             ("vf_coef", self.vf_coef >= 0, "must be >= 0")])

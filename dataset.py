@@ -1,4 +1,4 @@
-"""Training data: random windows from the prepared token files, chat records and preference pairs.
+"""Training data: random windows from the prepared token files, chat records, preference pairs and prompts.
 
 Chats and preference pairs are tokenised once into a cache beside their file (tokencache.py) and read from it a
 batch at a time, so a file of any size trains in the memory of a batch.
@@ -181,6 +181,14 @@ def to_messages(record: dict, where: str) -> list[dict]:
                         f"prompt, instruction, text; got {', '.join(record) or 'none'}")
     messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
     return check_messages(messages, where, "response")
+
+
+def first_question(messages: list[dict]) -> tuple[list[dict], str]:
+    """The prompt (system message if any, then the first user turn) and the expected first answer (the
+    answer accuracy's question, and GRPO's and PPO's prompts)."""
+    i = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    answer = next(m["content"] for m in messages[i + 1:] if m["role"] == "assistant")
+    return messages[:i + 1], answer
 
 
 # ----------------------------------------------------------------------------- reading and caching records
@@ -577,3 +585,42 @@ class PreferenceDataset(RowDataset):
         if self.reference_logps is not None:
             batch["reference_logps"] = self.reference_logps[torch.as_tensor(indices)].T.reshape(-1)
         return batch
+
+
+# ----------------------------------------------------------------------------- prompts for reinforcement learning
+def encode_prompt(tokenizer, record: dict, where: str) -> list[tuple[list[int], list[int]]]:
+    """A chat record's two cached rows: its first question as a generation prompt (the messages up to the first
+    user turn, then the assistant header) and the expected first reply (mask all 1)."""
+    messages = to_messages(record, where)
+    try:
+        prompt, answer = first_question(messages)
+    except StopIteration:
+        raise DataError(f"{where}: no assistant reply after the first user turn") from None
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    answer_ids = tokenizer.encode(answer)
+    return [(prompt_ids, [0] * len(prompt_ids)), (answer_ids, [1] * len(answer_ids))]
+
+
+class PromptDataset(RowDataset):
+    """Prompts with their expected answers, for GRPO and PPO: the first question and reply of each chat (a .jsonl
+    file or hf:<dataset>, any chat format, through its token cache).
+
+    A prompt longer than max_prompt_tokens would leave no room in the context for its completion: it is left out
+    and counted (n_too_long), as malformed rows are with skip_bad_rows (n_skipped).
+    """
+
+    def __init__(self, source: str, tokenizer, max_prompt_tokens: int, skip_bad_rows: bool = False,
+                 hf_data_files: str = "", hf_split: str = "train"):
+        self.tokenizer = tokenizer
+        self.rows = tokenized(source, tokenizer, "prompts", encode_prompt, skip_bad_rows, hf_data_files, hf_split)
+        fits = self.rows.lengths()[0::2] <= max_prompt_tokens
+        self.index = np.flatnonzero(fits)
+        self.n_too_long, self.n_skipped = int((~fits).sum()), self.rows.meta["skipped"]
+        if not len(self.index):
+            raise ValueError(f"{source}: no prompt fits in {max_prompt_tokens} tokens (the context less the "
+                             f"completion); lower --max_completion_length or raise --seq_len")
+
+    def prompt(self, i: int) -> tuple[list[int], str]:
+        """Prompt i's token ids (ending with the assistant header) and its expected answer."""
+        k = 2 * int(self.index[i])
+        return self.rows.row(k)[0].tolist(), self.tokenizer.decode(self.rows.row(k + 1)[0])

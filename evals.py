@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from configs import option
-from dataset import DataError, PretrainDataset, load_chats, read_jsonl, where_prefix
+from dataset import DataError, PretrainDataset, first_question, load_chats, read_jsonl, where_prefix
 from prepare import iter_documents
 from storyworld import FACTS
 
@@ -47,13 +47,6 @@ def _mean(xs) -> float:
 
 
 # ----------------------------------------------------------------------------- greedy answers
-def first_question(messages: list[dict]) -> tuple[list[dict], str]:
-    """The prompt (system message if any, then the first user turn) and the expected first answer."""
-    i = next(i for i, m in enumerate(messages) if m["role"] == "user")
-    answer = next(m["content"] for m in messages[i + 1:] if m["role"] == "assistant")
-    return messages[:i + 1], answer
-
-
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[list[int]], stop_ids: list[int], max_new_tokens: int = 64,
                     batch_size: int = 32, progress: bool = False) -> list[list[int]]:

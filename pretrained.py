@@ -77,12 +77,13 @@ def checkpoint_stage(directory) -> str | None:
 
 
 def find_checkpoint(checkpoint: str | None, log=print) -> Path:
-    """The checkpoint directory given, or else the best model of the newest run under checkpoint/ (its best/ if
-    it kept one); says which through log."""
+    """The checkpoint directory given, or else the best model of the newest chat or text run under checkpoint/
+    (its best/ if it kept one; never a reward model, which scores replies rather than writing them); says which
+    through log."""
     if checkpoint is not None:
         log(f"checkpoint: {checkpoint}")
         return Path(checkpoint)
-    found = latest_checkpoint("checkpoint")
+    found = latest_checkpoint("checkpoint", exclude=("reward",))
     if found is None:
         raise FileNotFoundError(f"no checkpoint under checkpoint/; train one first: {TRAIN_FIRST}")
     found = best_checkpoint(found)

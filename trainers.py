@@ -484,15 +484,15 @@ class Trainer:
         metrics = self.out_dir / "metrics.jsonl"
         return {"step": self.step, "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                 "sampler": self.sampler.state_dict(), "tokens_seen": self.tokens_seen,
-                "wall_time_s": time.time() - self.started, "best": self.best, **self._rng_state(),
+                "wall_time_s": time.time() - self.started, "best": self.best, **self.rank_state(),
                 "metrics_bytes": metrics.stat().st_size if metrics.exists() else 0}
 
     def save(self):
         """Write the checkpoint (rank 0 only; the others wait so no rank runs ahead of a save)."""
         rank_rng = None
-        if self.ddp:  # each rank's RNG (its own dropout stream), so every rank resumes exactly
+        if self.ddp:  # each rank's own state (its RNG: its dropout stream), so every rank resumes exactly
             rank_rng = [None] * self.world
-            dist.all_gather_object(rank_rng, self._rng_state())
+            dist.all_gather_object(rank_rng, self.rank_state())
         if self.master:
             state = self.train_state()
             if rank_rng is not None:
@@ -505,13 +505,14 @@ class Trainer:
         """Write a checkpoint of the model (rank 0 only): the full model; a LoRA stage writes only its adapters."""
         save_checkpoint(directory, self.model, self.tokenizer, run_info, train_state)
 
-    def _rng_state(self) -> dict:
+    def rank_state(self) -> dict:
+        """What each rank keeps for itself and --resume restores on each: its RNG streams."""
         state = {"cpu_rng": torch.get_rng_state()}
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
 
-    def _set_rng_state(self, state: dict):
+    def load_rank_state(self, state: dict):
         torch.set_rng_state(state["cpu_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -527,7 +528,7 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         rank_rng = state.get("rank_rng")
-        self._set_rng_state(rank_rng[self.rank] if rank_rng and len(rank_rng) == self.world else state)
+        self.load_rank_state(rank_rng[self.rank] if rank_rng and len(rank_rng) == self.world else state)
         self.sampler.load_state_dict(state["sampler"])
         self.tokens_seen = state.get("tokens_seen", 0)
         self.started -= state.get("wall_time_s", 0.0)  # wall time counts the interrupted run too
@@ -731,46 +732,43 @@ class LoRATrainer(LoRAMixin, SFTTrainer):
         return self.build_lora_model(None if self.cfg.resume else self.start_dir(self.init_stages))
 
 
-class DPOTrainer(LoRAMixin, Trainer):
-    """Direct preference optimisation against a frozen reference: a copy of the starting policy.
+class PolicyTrainer(LoRAMixin, Trainer):
+    """A stage that aligns a chat policy, starting from a checkpoint (the SFT model by default) and held near it:
+    DPO here, the reward model, GRPO and PPO in rl.py.
 
-    Each step runs the chosen and rejected sequences through the policy as one batch and through the reference
-    without gradients (or reads the reference log-probabilities computed once before training, with
-    --precompute_ref, when the reference model is freed). With --lora the policy is the starting model with
-    adapters and the reference is the same network with the adapters off: one copy of the weights.
-    Evaluation adds the answer accuracy on held-out chats, to show whether DPO kept what SFT taught.
+    The reference is the starting checkpoint, frozen: its own copy, or with --lora the same network with the
+    adapters off (one copy of the weights). run.json records it, so --resume rebuilds the same reference.
     """
 
-    stage = "dpo"
-
-    def __init__(self, cfg, model_overrides: dict | None = None):
-        self.loss_fn = DPOLoss(cfg.beta, cfg.loss_type, cfg.label_smoothing)  # bad settings fail before any loading
-        super().__init__(cfg, model_overrides)
+    init_stages = ("sft",)
 
     @property
     def uses_lora(self) -> bool:
         return self.cfg.lora
 
-    def build_model(self) -> tuple[GPT, Tokenizer]:
-        """The policy: the checkpoint to align (or out_dir's when resuming). The reference is always the
-        starting checkpoint, which run.json records so that --resume rebuilds the same reference."""
-        if self.cfg.lora:
-            start = None if self.cfg.resume else str(self.start_dir(("sft",)))
+    def build_policy(self, needs_reference: bool) -> tuple[GPT, Tokenizer]:
+        """The policy, the checkpoint to align (or out_dir's when resuming), and self.reference: a frozen copy of
+        the starting model if needs_reference (else None; also None with --lora, whose reference is the adapters
+        switched off)."""
+        cfg = self.cfg
+        self.reference = None
+        if self.uses_lora:
+            start = None if cfg.resume else str(self.start_dir(self.init_stages))
             if start and lora.is_adapter_dir(start):
                 raise ValueError(f"{start} holds LoRA adapters, and --lora needs a full checkpoint as its base: "
                                  f"fold them in first (python train_lora.py --out_dir {start} --export_merged DIR) "
                                  f"and pass --init_from DIR")
-            model, tokenizer = self.build_lora_model(start)  # sets init_source to the base
-            self.reference = None  # the reference: adapters off
-        elif self.cfg.resume:
-            self.init_source = load_run_info(self.out_dir).get("init_from") or self.cfg.init_from
+            return self.build_lora_model(start)  # sets init_source to the base
+        if cfg.resume:
+            self.init_source = load_run_info(self.out_dir).get("init_from") or cfg.init_from
             model, tokenizer = self.load_pretrained(self.out_dir)
-            self.reference = self.load_start(self.init_source)[0].requires_grad_(False)
-        else:
-            self.init_source = str(self.start_dir(("sft",)))
-            model, tokenizer = self.load_start(self.init_source)
-            # Precomputing reads the untrained policy itself; otherwise training needs a copy that stays put.
-            self.reference = model if self.cfg.precompute_ref else copy.deepcopy(model).requires_grad_(False)
+            if needs_reference:
+                self.reference = self.load_start(self.init_source)[0].requires_grad_(False)
+            return model, tokenizer
+        self.init_source = str(self.start_dir(self.init_stages))
+        model, tokenizer = self.load_start(self.init_source)
+        if needs_reference:  # training needs a copy that stays put
+            self.reference = copy.deepcopy(model).requires_grad_(False)
         return model, tokenizer
 
     def load_start(self, directory) -> tuple[GPT, Tokenizer]:
@@ -787,30 +785,21 @@ class DPOTrainer(LoRAMixin, Trainer):
         self.log(f"{directory}: LoRA adapters, folded into their base {base}")
         return model, tokenizer
 
-    def build_data(self):
-        """The pairs, and the reference on the device (precomputing its log-probabilities if asked)."""
+    def build_pair_data(self, max_tokens: int):
+        """train_data and val_data from the preference pairs of --train_file and --val_file, each sequence (prompt
+        and reply) cut to max_tokens, and the sampler of the training pairs."""
         cfg = self.cfg
         sources = {split: chat_source(cfg, f"dpo_{split}.jsonl", given)
                    for split, given in (("train", cfg.train_file), ("val", cfg.val_file))}
-        check_files(*sources.values(), chat_source(cfg, "sft_val.jsonl", cfg.eval_chats) if cfg.eval_samples else None)
+        check_files(*sources.values())
         data = {}
         for split, source in sources.items():
             with self.rank_zero_first():  # rank 0 tokenises into the cache, the others then read it
-                data[split] = PreferenceDataset(source, self.tokenizer, self.seq_len, **cfg.read_options())
-            self.log(f"{source}: {len(data[split])} pairs, {data[split].n_truncated} truncated to {self.seq_len} "
+                data[split] = PreferenceDataset(source, self.tokenizer, max_tokens, **cfg.read_options())
+            self.log(f"{source}: {len(data[split])} pairs, {data[split].n_truncated} truncated to {max_tokens} "
                      f"tokens, {data[split].n_skipped} malformed rows skipped")
         self.train_data, self.val_data = data["train"], data["val"]
         self.sampler = self.train_data.sampler(cfg.seed, self.rank, self.world)
-        self.answer_chats = load_answer_chats(cfg, cfg.eval_chats, self.log)
-        if self.reference is not None:
-            self.reference.to(self.device).eval()
-        if cfg.precompute_ref:
-            for dataset in (self.train_data, self.val_data):
-                dataset.reference_logps = self._reference_logps_of(dataset)
-            self.reference = None  # freed (or it was the policy): training holds one model, as in SFT
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        return self.to_device(self.train_data.batch(self.sampler.next(self.cfg.batch_size)))
 
     @contextmanager
     def reference_model(self):
@@ -826,6 +815,47 @@ class DPOTrainer(LoRAMixin, Trainer):
                 yield self.model
         finally:
             self.model.train(was_training)
+
+
+class DPOTrainer(PolicyTrainer):
+    """Direct preference optimisation against a frozen reference: a copy of the starting policy.
+
+    Each step runs the chosen and rejected sequences through the policy as one batch and through the reference
+    without gradients (or reads the reference log-probabilities computed once before training, with
+    --precompute_ref, when the reference model is freed). With --lora the policy is the starting model with
+    adapters and the reference is the same network with the adapters off: one copy of the weights.
+    Evaluation adds the answer accuracy on held-out chats, to show whether DPO kept what SFT taught.
+    """
+
+    stage = "dpo"
+
+    def __init__(self, cfg, model_overrides: dict | None = None):
+        self.loss_fn = DPOLoss(cfg.beta, cfg.loss_type, cfg.label_smoothing)  # bad settings fail before any loading
+        super().__init__(cfg, model_overrides)
+
+    def build_model(self) -> tuple[GPT, Tokenizer]:
+        # --precompute_ref reads the untrained policy itself once (a resumed run, its starting checkpoint).
+        precompute_from_policy = self.cfg.precompute_ref and not self.cfg.resume
+        model, tokenizer = self.build_policy(needs_reference=not precompute_from_policy)
+        if precompute_from_policy and not self.uses_lora:
+            self.reference = model
+        return model, tokenizer
+
+    def build_data(self):
+        """The pairs, and the reference on the device (precomputing its log-probabilities if asked)."""
+        cfg = self.cfg
+        check_files(chat_source(cfg, "sft_val.jsonl", cfg.eval_chats) if cfg.eval_samples else None)  # before pairs
+        self.build_pair_data(self.seq_len)
+        self.answer_chats = load_answer_chats(cfg, cfg.eval_chats, self.log)
+        if self.reference is not None:
+            self.reference.to(self.device).eval()
+        if cfg.precompute_ref:
+            for dataset in (self.train_data, self.val_data):
+                dataset.reference_logps = self._reference_logps_of(dataset)
+            self.reference = None  # freed (or it was the policy): training holds one model, as in SFT
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        return self.to_device(self.train_data.batch(self.sampler.next(self.cfg.batch_size)))
 
     @torch.no_grad()
     def _reference_logps_of(self, dataset) -> torch.Tensor:

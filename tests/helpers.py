@@ -1,6 +1,10 @@
 """Helpers shared by the tests (fixtures are in conftest.py): small model shapes, data and trainer builders."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -94,3 +98,19 @@ def crash_during_step(trainer, step: int, error: BaseException) -> None:
         raise error
 
     during_step(trainer, step, crash)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a training script under torchrun with n CPU processes (gloo); it must succeed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n),
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", script, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result

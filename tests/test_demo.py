@@ -153,6 +153,9 @@ def test_the_newest_checkpoint_is_picked(tmp_path, tokenizer):
     (adapter / checkpoint.WEIGHTS).unlink()
     (adapter / lora.ADAPTER_CONFIG).write_text("{}")
     assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "lora"
+    make_checkpoint(tmp_path / "reward", tokenizer, "reward")  # newer, but the demo leaves reward models out
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "reward"
+    assert checkpoint.latest_checkpoint(tmp_path, exclude=("reward",)) == tmp_path / "lora"
 
 
 def test_missing_broken_or_unloadable_checkpoints_are_one_line_errors(tmp_path, tokenizer, monkeypatch):
