@@ -33,6 +33,8 @@ class ModelConfig:
     dropout: float = option("dropout on attention weights and residual branches", default=0.0)
     tie_embeddings: bool = option("share the token embedding with the output head", default=True)
     bias: bool = option("use biases in the linear layers", default=False)
+    smear: bool = option("add to each token's embedding the previous token's, through a learned per-channel gate",
+                         default=False)
     attn_impl: str = option("attention: 'sdpa' (fast, torch's fused kernel) or 'manual' (readable)", default="sdpa")
     # Mixture-of-Experts (moe.py): each routed or shared expert is a SwiGLU of hidden_dim.
     use_moe: bool = option("replace every block's SwiGLU MLP with a Mixture-of-Experts layer", default=False)

@@ -76,6 +76,8 @@ class GPT(nn.Module):
         self.config = config
         vocab = padded_vocab_size(config.vocab_size)
         self.embed = nn.Embedding(vocab, config.dim)
+        if config.smear:
+            self.smear_gate = nn.Parameter(torch.zeros(config.dim))
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -133,7 +135,17 @@ class GPT(nn.Module):
         mask = None
         if attention_mask is not None or segment_ids is not None:
             mask = build_attention_mask(T, start + T, idx.device, attention_mask, segment_ids)
-        x = self.dropout(self.embed(idx))
+        x = self.embed(idx)
+        if self.config.smear:
+            first = cache.last_embed if cache is not None and cache.pos > 0 else torch.zeros_like(x[:, :1])
+            prev = torch.cat([first, x[:, :-1]], dim=1)
+            if segment_ids is not None:
+                same = torch.cat([torch.zeros_like(segment_ids[:, :1]), (segment_ids[:, 1:] == segment_ids[:, :-1]).long()], 1)
+                prev = prev * same.unsqueeze(-1)
+            if cache is not None:
+                cache.last_embed = x[:, -1:]
+            x = x + self.smear_gate * prev
+        x = self.dropout(x)
         for block in self.layers:
             if self.grad_checkpoint and self.training:
                 x = checkpoint(block, x, cos, sin, mask, cache, use_reentrant=False)
