@@ -61,6 +61,10 @@ class ModelConfig:
     qk_norm: bool = option("RMS-normalise each query and key head before RoPE, as Qwen3", default=False)
     hf_model_type: str = option("the Hugging Face architecture export.py writes (llama, mistral, qwen2, qwen3, gpt2); "
                                 "'' = the one the switches describe; set when a model is imported", default="")
+    smear: bool = option("add the previous token's embedding to each token's, through a learned per-channel gate "
+                         "(a one-token causal mix, as modded-nanogpt's smear): lets one attention layer match on the "
+                         "token before, which small models need to copy from context; no Hugging Face equivalent",
+                         default=False)
     attn_impl: str = option("attention: 'sdpa' (fast, torch's fused kernel) or 'manual' (readable)", default="sdpa")
     # Mixture-of-Experts (moe.py): each routed or shared expert is a SwiGLU of hidden_dim.
     use_moe: bool = option("replace every block's SwiGLU MLP with a Mixture-of-Experts layer", default=False)
