@@ -126,13 +126,10 @@ class KVCache:
     """
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int,
-                 device, dtype, embed_dim: int = 0):
+                 device, dtype):
         shape = (batch_size, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        # The token embeddings (B, max_len, embed_dim), for a GPT with smear, which adds to each token the
-        # embedding of the one before it: stored per position as keys are, so every kind of step finds it.
-        self.embed = torch.zeros(batch_size, max_len, embed_dim, device=device, dtype=dtype) if embed_dim else None
         self.max_len = max_len
         self.pos = 0  # number of positions already stored (the model advances it after each forward)
         # (B, T) positions of each row's tokens in the current forward, when the rows are sequences of different
@@ -158,12 +155,7 @@ class KVCache:
         """The cache of rows start:stop (sequences) only, sharing this one's storage: writes land here too."""
         view = copy.copy(self)
         view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
-        view.embed = None if self.embed is None else self.embed[start:stop]
         return view
-
-    def buffers(self) -> list[torch.Tensor]:
-        """Every per-row buffer (B, ...), e.g. to move a row."""
-        return self.k + self.v + ([] if self.embed is None else [self.embed])
 
 
 # ----------------------------------------------------------------------------- the module

@@ -61,10 +61,6 @@ class ModelConfig:
     qk_norm: bool = option("RMS-normalise each query and key head before RoPE, as Qwen3", default=False)
     hf_model_type: str = option("the Hugging Face architecture export.py writes (llama, mistral, qwen2, qwen3, gpt2); "
                                 "'' = the one the switches describe; set when a model is imported", default="")
-    smear: bool = option("add the previous token's embedding to each token's, through a learned per-channel gate "
-                         "(a one-token causal mix, as modded-nanogpt's smear): lets one attention layer match on the "
-                         "token before, which small models need to copy from context; no Hugging Face equivalent",
-                         default=False)
     attn_impl: str = option("attention: 'sdpa' (fast, torch's fused kernel) or 'manual' (readable)", default="sdpa")
     # Mixture-of-Experts (moe.py): each routed or shared expert is a SwiGLU of hidden_dim.
     use_moe: bool = option("replace every block's SwiGLU MLP with a Mixture-of-Experts layer", default=False)
@@ -168,7 +164,7 @@ class TrainConfig:
     """Options shared by every training stage (the Trainer base reads these)."""
 
     preset: str = option(f"model preset: {', '.join(PRESETS)} (model fields below override it); "
-                         "'auto' = tiny on CPU, minimind2-small on a GPU", default="auto")
+                         "'auto' = the device's plan (plan.py)", default="auto")
     data_dir: str = option("prepared data directory (from prepare.py)", default=DEFAULT_DATA_DIR)
     out_dir: str = option("where checkpoints and metrics go; '' = checkpoint/<stage>", default="")
     init_from: str = option("checkpoint directory to start from; '' = the stage's default (SFT: the latest "
@@ -185,8 +181,10 @@ class TrainConfig:
                           default=256)
     grad_accum: int = option("micro-batches per optimizer step (global batch = batch_size * grad_accum * world)",
                              default=1)
-    max_steps: int = option("optimizer steps to train (the default suits the tiny preset on a CPU; "
-                            "use thousands on a GPU)", default=200)
+    max_steps: int = option("optimizer steps to train; 0 = from --max_tokens or --epochs, or else the device's plan "
+                            "(plan.py: a budget in tokens or passes over the data, printed at start)", default=0)
+    max_tokens: int = option("instead of --max_steps, train on this many tokens (batch_size * seq_len a row) and "
+                             "set max_steps to match; 0 = off", default=0)
     epochs: float = option("instead of --max_steps, train for this many passes over the training data (chats, "
                            "pairs, or pretraining tokens) and set max_steps to match; 0 = off", default=0.0)
     lr: float = option("peak learning rate", default=2e-3)
@@ -308,7 +306,6 @@ class SFTConfig(FineTuneOptions, TrainConfig):
 
     # Chats are short, and fine-tuning needs fewer steps.
     seq_len: int = 0
-    max_steps: int = 300
     min_lr: float = 2e-4
     warmup_steps: int = 15
     eval_interval: int = 1000
@@ -353,7 +350,6 @@ class DPOConfig(LoRAOptions, FineTuneOptions, TrainConfig):
     (and the lora_* options, used with --lora)."""
 
     batch_size: int = 8
-    max_steps: int = 60
     lr: float = 1e-4
     min_lr: float = 1e-5
     warmup_steps: int = 10

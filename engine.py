@@ -177,7 +177,7 @@ class Engine:
             self.active[i].finish(reason)
             last = len(self.active) - 1
             if i != last:  # the last row moves into the freed one: the active rows stay 0..n-1
-                for buffer in self.cache.buffers():
+                for buffer in self.cache.k + self.cache.v:
                     buffer[i] = buffer[last]
                 self.active[i] = self.active[last]
             self.active.pop()

@@ -194,9 +194,6 @@ def family_of(config: ModelConfig) -> str:
     if config.use_moe:
         raise ValueError("this is a Mixture-of-Experts model (use_moe): only dense models map onto a Hugging Face "
                          f"architecture ({', '.join(FAMILIES)})")
-    if config.smear:
-        raise ValueError("this model uses smear (the previous token's embedding mixed in), which no Hugging Face "
-                         "architecture has; train with --smear false to export")
     family = config.hf_model_type or next(
         (f for f in ("llama", "qwen2", "qwen3", "gpt2") if _mismatches(config, f) == []), "llama")
     if family not in FAMILIES:

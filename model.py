@@ -66,8 +66,6 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(vocab, config.dim)
         # GPT-2: a learned vector per position, added to the token embedding; else positions are RoPE's.
         self.pos_embed = nn.Embedding(config.max_seq_len, config.dim) if config.pos_emb == "learned" else None
-        # smear: the previous token's embedding, gated per channel, is added to each token's (see forward).
-        self.smear_gate = nn.Parameter(torch.zeros(config.dim)) if config.smear else None
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
@@ -133,9 +131,6 @@ class GPT(nn.Module):
         if cache is not None:
             cache.positions = positions
         x = self.embed(idx)
-        if self.smear_gate is not None:
-            prev = self.previous_embeddings(x, start, positions, attention_mask, segment_ids, cache)
-            x = x + self.smear_gate * prev
         if self.pos_embed is None:
             if positions is not None:
                 cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd)
@@ -161,32 +156,6 @@ class GPT(nn.Module):
         logits = self.lm_head(self.norm(x))
         # Padding rows of the vocabulary are never predicted.
         return logits if logits.shape[-1] == self.config.vocab_size else logits[..., :self.config.vocab_size]
-
-    @staticmethod
-    def previous_embeddings(x, start, positions, attention_mask, segment_ids, cache) -> torch.Tensor:
-        """For smear: the embedding of the token before each token of x (B, T, dim); zeros where there is none
-        (a sequence's first token, after padding, at the start of a packed document).
-
-        Smear adds it to each token's own (gated), so that a single attention layer can already match on the
-        token before ("the word after the last `felt`": induction) instead of first building a previous-token
-        head in a lower layer, which a small model trained for minutes may never do. With a cache the earlier
-        embeddings are stored per position, as keys are.
-        """
-        if positions is None:
-            positions = torch.arange(start, start + x.shape[1], device=x.device).expand(x.shape[:2])
-        before = (positions - 1).clamp(min=0)
-        if cache is None:
-            prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-        else:
-            rows = torch.arange(x.shape[0], device=x.device)[:, None]
-            cache.embed[rows, positions] = x
-            prev = cache.embed[rows, before]
-        keep = positions > 0
-        if attention_mask is not None:  # attention_mask covers the cached positions too
-            keep = keep & attention_mask.gather(1, before).bool()
-        if segment_ids is not None:
-            keep = keep & (segment_ids == segment_ids.gather(1, before))
-        return prev * keep.unsqueeze(-1)
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -260,7 +229,7 @@ class GPT(nn.Module):
         c = self.config
         p = self.embed.weight
         return KVCache(c.n_layers, batch_size, c.n_kv_heads, max_len or c.max_seq_len, c.head_dim,
-                       p.device, p.dtype, embed_dim=c.dim if c.smear else 0)
+                       p.device, p.dtype)
 
     def configure_optimizers(self, weight_decay: float, lr: float, betas: tuple[float, float],
                              device_type: str) -> torch.optim.AdamW:

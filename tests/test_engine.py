@@ -11,17 +11,14 @@ from tests.helpers import TINY_MODEL
 VOCAB = 320
 
 
-def make_model(attn_impl="sdpa", max_seq_len=64, smear=False) -> GPT:
+def make_model(attn_impl="sdpa", max_seq_len=64) -> GPT:
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=VOCAB, **{**TINY_MODEL, "max_seq_len": max_seq_len}, attn_impl=attn_impl,
-                         smear=smear)
+    config = ModelConfig(vocab_size=VOCAB, **{**TINY_MODEL, "max_seq_len": max_seq_len}, attn_impl=attn_impl)
     model = GPT(config).eval()
     with torch.no_grad():  # weights 10x the initial scale: attention, not only the newest token, picks the next one
         for name, p in model.named_parameters():
             if not name.endswith("norm.weight"):
                 p.mul_(10)
-        if smear:
-            torch.nn.init.normal_(model.smear_gate)
     return model
 
 
@@ -30,11 +27,11 @@ def prompts(lengths, seed=1) -> list[list[int]]:
     return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in lengths]
 
 
-@pytest.mark.parametrize("attn_impl,smear", [("sdpa", False), ("manual", False), ("sdpa", True)])
-def test_rows_at_their_own_positions_match_separate_forwards(attn_impl, smear):
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+def test_rows_at_their_own_positions_match_separate_forwards(attn_impl):
     """A right-padded prefill of prompts of different lengths, then decode steps with every row at its own
     position, give each row the logits of a plain forward over that row's sequence alone."""
-    model = make_model(attn_impl, smear=smear)
+    model = make_model(attn_impl)
     seqs = prompts([5, 11, 2])
     cache = model.new_kv_cache(3)
     ids = torch.zeros(3, 11, dtype=torch.long)
@@ -74,12 +71,11 @@ def run_until_done(engine, seqs, steps_before: dict[int, int]):
     assert engine.active == [] and not engine.waiting
 
 
-@pytest.mark.parametrize("smear", [False, True])
-def test_batched_greedy_generation_equals_one_at_a_time(smear):
+def test_batched_greedy_generation_equals_one_at_a_time():
     """Requests of different lengths join at different steps (more than there are slots, so some wait),
     one is cancelled half-way (its row is refilled by the last active one); every other request's greedy
     tokens equal its generation alone."""
-    model = make_model(smear=smear)
+    model = make_model()
     engine = Engine(model, max_batch=3)
     ps = prompts([3, 17, 8, 1, 30, 12])
     max_tokens = [20, 9, 25, 14, 34, 6]  # 30 + 34 = the whole 64-token context

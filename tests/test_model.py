@@ -14,10 +14,7 @@ from tests.helpers import SMALL
 
 def small_model(seed=0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    model = GPT(ModelConfig(**{**SMALL, **overrides})).eval()
-    if model.smear_gate is not None:
-        torch.nn.init.normal_(model.smear_gate)  # it starts at zero, where smear would change nothing
-    return model
+    return GPT(ModelConfig(**{**SMALL, **overrides})).eval()
 
 
 @pytest.mark.parametrize("shape", [
@@ -99,9 +96,9 @@ def test_causality_future_tokens_do_not_change_past_logits():
         assert not torch.allclose(model(idx)[:, 8:], model(changed)[:, 8:], atol=1e-3)
 
 
-@pytest.mark.parametrize("attn_impl,smear", [("sdpa", False), ("manual", False), ("sdpa", True)])
-def test_kv_cache_gives_the_logits_of_a_full_forward(attn_impl, smear):
-    model = small_model(attn_impl=attn_impl, smear=smear)
+@pytest.mark.parametrize("attn_impl", ["sdpa", "manual"])
+def test_kv_cache_gives_the_logits_of_a_full_forward(attn_impl):
+    model = small_model(attn_impl=attn_impl)
     idx = torch.randint(0, 300, (2, 20))
     with torch.no_grad():
         full = model(idx)
@@ -113,9 +110,8 @@ def test_kv_cache_gives_the_logits_of_a_full_forward(attn_impl, smear):
     assert (torch.cat(parts, dim=1) - full).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("smear", [False, True])
-def test_padding_mask_makes_left_padded_rows_match_unpadded(smear):
-    model = small_model(smear=smear)
+def test_padding_mask_makes_left_padded_rows_match_unpadded():
+    model = small_model()
     idx = torch.randint(1, 300, (1, 10))
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), idx], dim=1)
     mask = torch.cat([torch.zeros(1, 4), torch.ones(1, 10)], dim=1).long()
@@ -126,9 +122,8 @@ def test_padding_mask_makes_left_padded_rows_match_unpadded(smear):
     assert torch.allclose(plain, masked, atol=1e-5)
 
 
-@pytest.mark.parametrize("smear", [False, True])
-def test_segment_ids_keep_packed_documents_apart(smear):
-    model = small_model(smear=smear)
+def test_segment_ids_keep_packed_documents_apart():
+    model = small_model()
     a, b = torch.randint(0, 300, (1, 6)), torch.randint(0, 300, (1, 5))
     packed = torch.cat([a, b], dim=1)
     segments = torch.tensor([[0] * 6 + [1] * 5])
@@ -188,19 +183,3 @@ def test_too_long_sequence_is_a_clear_error():
 def test_config_fields_survive_a_dict_round_trip():
     cfg = get_config("tiny")
     assert ModelConfig(**dataclasses.asdict(cfg)) == cfg
-
-
-def test_smear_adds_the_gated_previous_token_embedding():
-    """Smear by hand: token t's input to the first block is e_t + gate * e_(t-1); nothing flows from the future,
-    and a model with smear cannot be exported to a Hugging Face architecture (none has it)."""
-    model = small_model(smear=True)
-    idx = torch.randint(0, 300, (2, 9))
-    seen = {}
-    model.layers[0].register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
-    with torch.no_grad():
-        model(idx)
-        e = model.embed(idx)
-    expected = e + model.smear_gate * torch.cat([torch.zeros_like(e[:, :1]), e[:, :-1]], dim=1)
-    torch.testing.assert_close(seen["x"], expected)
-    with pytest.raises(ValueError, match="smear"):
-        to_transformers(model)
