@@ -565,21 +565,23 @@ def _take_unseen(items: Iterator[tuple[str, dict]], n: int, seen: set[str]) -> l
     return list(islice((item for story, item in items if story not in seen), n))
 
 
-def write_default_dataset(raw_dir, seed: int = 1337, n_stories: int = 22_000, n_lessons: int = 0,
+def write_default_dataset(raw_dir, seed: int = 1337, n_stories: int = 0, n_lessons: int = 20_000,
                           n_chats: int = 10_000, n_pairs: int = 5_000, n_val: int = 400) -> Path:
     """Write the StoryWorld files into `raw_dir` and return it.
 
-    pretrain.jsonl: the pretraining documents, `n_stories` stories ({"text"}) and `n_lessons` chats
-    ({"conversations"}, see generate_lessons), shuffled together; sft_train.jsonl / sft_val.jsonl (chats) and
-    dpo_train.jsonl / dpo_val.jsonl (preference pairs). The val files come from another seed and hold only
-    stories that no train file contains, so they measure answering questions about unseen stories. `n_val` is
-    the size of each val file.
+    pretrain.jsonl: the pretraining documents, `n_lessons` lessons ({"conversations"}, see generate_lessons) and
+    `n_stories` plain stories ({"text"}), shuffled together; sft_train.jsonl: `n_chats` further lessons (other
+    stories), so that SFT trains on the answer to every question of each story; sft_val.jsonl (chats as
+    generate_chats makes them, one or two questions each) and dpo_train.jsonl / dpo_val.jsonl (preference pairs).
+    The val files come from another seed and hold only stories that no train file contains, so they measure
+    answering questions about unseen stories. `n_val` is the size of each val file.
     """
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
     stories = generate_stories(n_stories, seed)
-    lesson_items = list(islice(_iter_chats(seed, every_fact=True), n_lessons))
-    chat_items = list(islice(_iter_chats(seed), n_chats))
+    lessons = _iter_chats(seed, every_fact=True)
+    lesson_items = list(islice(lessons, n_lessons))
+    chat_items = list(islice(lessons, n_chats))
     pair_items = list(islice(_iter_pairs(seed), n_pairs))
     seen = set(stories) | {s for s, _ in lesson_items} | {s for s, _ in chat_items} | {s for s, _ in pair_items}
     documents = [{"text": s} for s in stories] + [chat for _, chat in lesson_items]

@@ -45,6 +45,7 @@ from hf import resolve
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
 from moe import collect_moe_stats
+from plan import plan_for
 from prepare import data_path
 from pretrained import load_pretrained
 from tokenizer import Tokenizer
@@ -71,10 +72,7 @@ class Trainer:
         self.model.grad_checkpoint = cfg.grad_checkpoint
         self.seq_len = cfg.seq_len or self.model.config.max_seq_len
         self.build_data()
-        if cfg.epochs > 0:
-            global_batch = cfg.batch_size * cfg.grad_accum * self.world
-            cfg.max_steps = math.ceil(cfg.epochs * self.rows_per_epoch() / global_batch)
-            self.log(f"--epochs {cfg.epochs:g}: {cfg.max_steps} steps")
+        self.set_max_steps()
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
                                                          self.device.type)
         if cfg.resume:
@@ -86,6 +84,33 @@ class Trainer:
         self.wandb = self._init_wandb() if cfg.wandb and self.master else None
 
     # ------------------------------------------------------------------ set-up
+    def set_max_steps(self):
+        """max_steps from the budget: --max_tokens or --epochs if given, else --max_steps if given, else the
+        device plan's budget for this stage (plan.py), in tokens or passes over the data, so that it scales with
+        the batch."""
+        cfg = self.cfg
+        if cfg.max_tokens > 0 or cfg.epochs > 0:
+            budget, source = {"max_tokens": cfg.max_tokens, "epochs": cfg.epochs}, "the command line"
+        elif cfg.max_steps > 0:
+            return
+        else:
+            budget, source = self.plan.budgets[self.stage], f"the {self.device.type} plan"
+        rows = cfg.batch_size * cfg.grad_accum * self.world  # rows a step
+        if budget.get("max_tokens"):
+            cfg.max_steps = math.ceil(budget["max_tokens"] / (rows * self.seq_len))
+            what = f"{budget['max_tokens'] / 1e6:g}M tokens"
+        else:
+            cfg.max_steps = math.ceil(budget["epochs"] * self.rows_per_epoch() / rows)
+            what = f"{budget['epochs']:g} passes over {self.rows_per_epoch()} rows"
+        self.log(f"budget from {source}: {what} = {cfg.max_steps} steps of {rows} rows")
+
+    @cached_property
+    def plan(self):
+        """The device's plan for a run with no arguments (plan.py), said once."""
+        plan = plan_for(self.device.type)
+        self.log(f"plan for {self.device.type}: {plan.why} (plan.py)")
+        return plan
+
     def _setup_distributed(self):
         """Under torchrun, join the process group: NCCL on CUDA, gloo on CPU."""
         self.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -151,7 +176,7 @@ class Trainer:
         tokenizer = Tokenizer.from_pretrained(data_path(self.cfg.data_dir))
         preset = self.cfg.preset
         if preset == "auto":
-            preset = "tiny" if self.device.type == "cpu" else "minimind2-small"
+            preset = self.plan.preset
         config = get_config(preset, **{"vocab_size": tokenizer.vocab_size, **self.model_overrides})
         if config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"model vocab_size {config.vocab_size} < tokenizer's {tokenizer.vocab_size}")
