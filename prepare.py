@@ -1,6 +1,6 @@
 """Turn a text data set into token files for pretraining: train.bin, val.bin, meta.json and the tokenizer.
 
-    python prepare.py                                    # StoryWorld, the embedded stories (offline), 6400-token BPE
+    python prepare.py                                    # StoryWorld, the embedded stories (offline), 2048-token BPE
     python prepare.py --source corpus.txt                # your own text, documents separated by blank lines
     python prepare.py --source data.jsonl --text_field content
     python prepare.py --source hf:roneneldan/TinyStories --tokenizer gpt2
@@ -49,7 +49,8 @@ class PrepareConfig:
     tokenizer: str = field(default="bpe", metadata={"help": (
         "'bpe' (train a byte-level BPE on the training documents), a tiktoken encoding (gpt2, cl100k_base, "
         "o200k_base; downloaded once), or a directory holding a saved tokenizer")})
-    vocab_size: int = field(default=6400, metadata={"help": "vocabulary size of the trained BPE"})
+    vocab_size: int = field(default=2048, metadata={"help": "vocabulary size of the trained BPE (StoryWorld needs "
+                                                              "fewer than 2048: its BPE stops merging at about 1900)"})
     tokenizer_train_bytes: int = field(default=100_000_000, metadata={
         "help": "train the BPE on at most this many bytes of text (the first training documents)"})
     val_fraction: float = field(default=0.1, metadata={"help": "fraction of the documents kept for validation"})

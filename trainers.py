@@ -71,6 +71,10 @@ class Trainer:
         self.model.to(self.device)
         self.model.grad_checkpoint = cfg.grad_checkpoint
         self.seq_len = cfg.seq_len or self.model.config.max_seq_len
+        if not (cfg.max_steps or cfg.max_tokens or cfg.epochs):  # no budget given: the device plan's
+            planned = self.plan.budgets[self.stage].get("batch_size")
+            if planned and cfg.batch_size == type(cfg).__dataclass_fields__["batch_size"].default:
+                cfg.batch_size = planned  # the plan's batch, unless --batch_size was given
         self.build_data()
         self.set_max_steps()
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
