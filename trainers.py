@@ -49,6 +49,7 @@ from hf import resolve
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
 from moe import collect_moe_stats
+from plan import plan_for
 from prepare import data_path
 from pretrained import load_pretrained
 from tokenizer import Tokenizer
@@ -131,11 +132,12 @@ class Trainer:
         if self.seq_len > self.model.config.max_seq_len:
             raise ValueError(f"--seq_len {self.seq_len} is longer than the model's context (max_seq_len "
                              f"{self.model.config.max_seq_len})")
+        if not (cfg.max_steps or cfg.max_tokens or cfg.epochs):  # no budget given: the device plan's
+            planned = self.plan.budgets[self.stage].get("batch_size")
+            if planned and cfg.batch_size == type(cfg).__dataclass_fields__["batch_size"].default:
+                cfg.batch_size = planned  # the plan's batch, unless --batch_size was given
         self.build_data()
-        if cfg.epochs > 0:
-            global_batch = cfg.batch_size * cfg.grad_accum * self.world
-            cfg.max_steps = math.ceil(cfg.epochs * self.rows_per_epoch() / global_batch)
-            self.log(f"--epochs {cfg.epochs:g}: {cfg.max_steps} steps")
+        self.set_max_steps()
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2),
                                                          self.device.type)
         if cfg.resume:
@@ -147,6 +149,33 @@ class Trainer:
         self.wandb = self._init_wandb() if cfg.wandb and self.master else None
 
     # ------------------------------------------------------------------ set-up
+    def set_max_steps(self):
+        """max_steps from the budget: --max_tokens or --epochs if given, else --max_steps if given, else the
+        device plan's budget for this stage (plan.py), in tokens or passes over the data, so that it scales with
+        the batch."""
+        cfg = self.cfg
+        if cfg.max_tokens > 0 or cfg.epochs > 0:
+            budget, source = {"max_tokens": cfg.max_tokens, "epochs": cfg.epochs}, "the command line"
+        elif cfg.max_steps > 0:
+            return
+        else:
+            budget, source = self.plan.budgets[self.stage], f"the {self.device.type} plan"
+        rows = cfg.batch_size * cfg.grad_accum * self.world  # rows a step
+        if budget.get("max_tokens"):
+            cfg.max_steps = math.ceil(budget["max_tokens"] / (rows * self.seq_len))
+            what = f"{budget['max_tokens'] / 1e6:g}M tokens"
+        else:
+            cfg.max_steps = math.ceil(budget["epochs"] * self.rows_per_epoch() / rows)
+            what = f"{budget['epochs']:g} passes over {self.rows_per_epoch()} rows"
+        self.log(f"budget from {source}: {what} = {cfg.max_steps} steps of {rows} rows")
+
+    @cached_property
+    def plan(self):
+        """The device's plan for a run with no arguments (plan.py), said once."""
+        plan = plan_for(self.device.type)
+        self.log(f"plan for {self.device.type}: {plan.why} (plan.py)")
+        return plan
+
     def _setup_distributed(self):
         """Under torchrun, join the process group: NCCL on CUDA, gloo on CPU."""
         self.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -219,7 +248,7 @@ class Trainer:
         tokenizer = data_tokenizer
         preset = self.cfg.preset
         if preset == "auto":
-            preset = "tiny" if self.device.type == "cpu" else "minimind2-small"
+            preset = self.plan.preset
         config = get_config(preset, **{"vocab_size": tokenizer.vocab_size, **self.model_overrides})
         if config.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"model vocab_size {config.vocab_size} < tokenizer's {tokenizer.vocab_size}")

@@ -69,6 +69,21 @@ def test_documents_round_trip_through_the_token_files(tmp_path, kind, request):
     assert not list(out.glob("*.tmp*"))
 
 
+def test_chat_lines_are_tokenised_in_the_chat_template(tmp_path):
+    chats = storyworld.generate_lessons(30, seed=0)
+    rows = [{"text": d} for d in DOCS[:30]] + chats
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = _prepare(tmp_path, path, val_fraction=0.0)
+    tok = Tokenizer.from_pretrained(out)
+    rendered = ["".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in c["conversations"])
+                for c in chats]
+    assert _decode_split(out, "train") == DOCS[:30] + rendered
+    ids = np.fromfile(out / "train.bin", dtype=np.uint16)
+    # real special tokens, one <|im_start|> per message, not their text spelled out in ordinary tokens
+    assert (ids == tok.im_start_id).sum() == sum(len(c["conversations"]) for c in chats)
+
+
 def test_the_split_depends_on_the_seed_and_keeps_its_share():
     for n in (1, 7, 100, 1234):
         for seed in range(5):
@@ -111,7 +126,7 @@ def test_storyworld_source_and_the_default_data_on_first_use(tmp_path, monkeypat
     assert prepare.data_path("data/other", "x.jsonl") == prepare.Path("data/other/x.jsonl")  # never prepared here
     assert not (tmp_path / "data").exists()
     out = prepare.data_path("data/storyworld")
-    for name in ("train.bin", "val.bin", "meta.json", "stories.jsonl", "sft_train.jsonl", "sft_val.jsonl",
+    for name in ("train.bin", "val.bin", "meta.json", "pretrain.jsonl", "sft_train.jsonl", "sft_val.jsonl",
                  "dpo_train.jsonl", "dpo_val.jsonl"):
         assert (out / name).exists(), name
     meta = json.loads((out / "meta.json").read_text())

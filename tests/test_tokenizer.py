@@ -1,6 +1,7 @@
 import base64
 import os
 import random
+import unicodedata
 
 import pytest
 import tiktoken
@@ -24,7 +25,7 @@ def make_corpus(n_lines: int = 4000, seed: int = 0) -> list[str]:
     words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(500)]
     # Frequent long numbers: their merges expose any disagreement on digit splitting.
     numbers = ["2024", "31415", "1000000"] * 30
-    pieces = [*words, *numbers, "it's", "don't", *CHINESE, *"😀🎉🚀❤👍", "\t", "  ", "\n", "!"]
+    pieces = [*words, *numbers, "it's", "don't", *CHINESE, CHINESE, *"😀🎉🚀❤👍", "\t", "  ", "\n", "!"]
     return [" ".join(rng.choice(pieces) for _ in range(rng.randint(5, 30)))
             for _ in range(n_lines)]
 
@@ -67,6 +68,21 @@ def test_bpe_actually_merges(tok):
 def test_ids_match_hf_tokenizers(tok, hf):
     texts = TEXTS + make_corpus(200, seed=7) + fuzz_strings(3000)
     assert tok.encode_batch(texts) == [e.ids for e in hf.encode_batch(texts)]
+
+
+def _is_han(char: str) -> bool:
+    return unicodedata.name(char, "").startswith("CJK UNIFIED IDEOGRAPH")
+
+
+def test_each_chinese_character_is_a_piece_of_its_own(tok):
+    # The corpus holds whole Chinese sentences, which cl100k's letter runs would make into multi-character tokens.
+    texts = [t.decode("utf-8", errors="ignore") for t in tok.mergeable_ranks]
+    with_han = [t for t in texts if any(_is_han(c) for c in t)]
+    assert with_han and all(len(t) == 1 for t in with_han), [t for t in with_han if len(t) > 1]
+    name = tok.encode("模型")  # the same ids wherever the name stands
+    for text in ("模型在训练", "我们的模型，", "the 模型 is", "数据上模型表现"):
+        ids = tok.encode(text)
+        assert any(ids[i:i + len(name)] == name for i in range(len(ids))), text
 
 
 def test_special_tokens_only_when_allowed(tok):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoint
+import plan
 from configs import ModelConfig, TrainConfig, parse_train_args
 from model import GPT
 from tests.helpers import TINY_MODEL, crash_during_step, during_step, make_trainer
@@ -230,3 +231,12 @@ def test_grad_scaler_calibration_is_not_counted_as_divergence(data_dir, tmp_path
     nan_loss.compute_loss = lambda model, batch: (compute_loss(model, batch)[0] * float("nan"), {})
     with pytest.raises(FloatingPointError, match="10 non-finite steps in a row"):
         nan_loss.train()
+
+
+def test_the_budget_sets_the_steps_from_tokens_or_the_device_plan(data_dir, tmp_path, monkeypatch):
+    """--max_tokens gives max_tokens / (batch_size * seq_len) steps; --max_steps alone is kept; with no budget at
+    all the device's plan (plan.py) gives it."""
+    assert make_trainer(data_dir, tmp_path / "a", max_steps=0, max_tokens=4 * 32 * 10 + 1).cfg.max_steps == 11
+    monkeypatch.setitem(plan.PLANS, "cpu", plan.Plan("tiny", {"pretrain": {"max_tokens": 4 * 32 * 7}}, "test"))
+    assert make_trainer(data_dir, tmp_path / "b", max_steps=0).cfg.max_steps == 7
+    assert make_trainer(data_dir, tmp_path / "c", max_steps=3).cfg.max_steps == 3
