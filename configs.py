@@ -242,7 +242,32 @@ class FineTuneOptions:
 
 
 @dataclass
-class SFTConfig(FineTuneOptions, TrainConfig):
+class ChatDataOptions:
+    """Where the chats come from and how they are trained on (SFT, LoRA, distillation); mixed into their configs."""
+
+    sft_data: str = option("training chats: a .jsonl file (any chat format of dataset.to_messages) or "
+                           "hf:<dataset> (e.g. hf:jingyaogong/minimind_dataset with --hf_data_files "
+                           "sft_mini_512.jsonl); '' = <data_dir>/sft_train.jsonl", default="")
+    sft_val_data: str = option("validation chats, same forms; '' = <data_dir>/sft_val.jsonl; 'none' = no "
+                               "validation", default="")
+    reasoning: bool = option("the reasoning variant of the default chats: each reply is <think> the story's "
+                             "sentence it rests on </think> then the answer ('' above = <data_dir>/"
+                             "sft_reasoning_train.jsonl and sft_reasoning_val.jsonl); the answer accuracy scores "
+                             "the part after </think>", default=False)
+    think_weight: float = option("loss weight of the reasoning format's <think> and </think> tokens (MiniMind uses "
+                                 "10); 1 = like any other token", default=1.0)
+    pack: bool = option("pack several chats into each row (attention stays inside each chat) instead of padding",
+                        default=False)
+    drop_long: bool = option("drop chats longer than seq_len instead of truncating them", default=False)
+
+    def chat_file(self, split: str) -> str:
+        """The default file of `split` (train or val) in data_dir: sft_<split>.jsonl, or with --reasoning
+        sft_reasoning_<split>.jsonl."""
+        return f"sft_reasoning_{split}.jsonl" if self.reasoning else f"sft_{split}.jsonl"
+
+
+@dataclass
+class SFTConfig(ChatDataOptions, FineTuneOptions, TrainConfig):
     """Supervised fine-tuning on chats (train_sft.py). Defaults: about 5 minutes of training on a 2-core CPU."""
 
     # Chats are short, and fine-tuning needs fewer steps.
@@ -253,14 +278,6 @@ class SFTConfig(FineTuneOptions, TrainConfig):
     eval_interval: int = 1000
     eval_iters: int = 4
     # Stage options.
-    sft_data: str = option("training chats: a .jsonl file (any chat format of dataset.to_messages) or "
-                           "hf:<dataset> (e.g. hf:jingyaogong/minimind_dataset with --hf_data_files "
-                           "sft_mini_512.jsonl); '' = <data_dir>/sft_train.jsonl", default="")
-    sft_val_data: str = option("validation chats, same forms; '' = <data_dir>/sft_val.jsonl; 'none' = no "
-                               "validation", default="")
-    pack: bool = option("pack several chats into each row (attention stays inside each chat) instead of padding",
-                        default=False)
-    drop_long: bool = option("drop chats longer than seq_len instead of truncating them", default=False)
     show_mask: bool = option("print one tokenised training chat with the trained tokens marked, and exit",
                              default=False)
 
@@ -314,3 +331,46 @@ class DPOConfig(LoRAOptions, FineTuneOptions, TrainConfig):
                         "higher --lr than full fine-tuning", default=False)
     eval_chats: str = option("held-out chats for the answer accuracy before, during and after DPO; '' = "
                              "<data_dir>/sft_val.jsonl", default="")
+
+
+@dataclass
+class DistillConfig(ChatDataOptions, FineTuneOptions, TrainConfig):
+    """Knowledge distillation (train_distill.py): a student learns from a frozen teacher's next-token distributions
+    as well as from the labels. The student is a fresh model of --preset (and the model flags), or --init_from."""
+
+    seq_len: int = 0
+    max_steps: int = 300
+    min_lr: float = 2e-4
+    warmup_steps: int = 15
+    eval_interval: int = 100
+    eval_iters: int = 4
+    teacher: str = option("the teacher checkpoint (it must have the student's tokenizer); '' = the latest "
+                          "checkpoint/sft", default="")
+    data: str = option("'chats' (the chats of --sft_data; the loss on the assistant tokens) or 'text' (windows of "
+                       "seq_len tokens of --data_dir's train.bin and val.bin; the loss on every token)",
+                       default="chats")
+    alpha: float = option("loss = alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher, student) on the trained "
+                          "tokens; 0 = the teacher only, 1 = the labels only (plain SFT)", default=0.5)
+    temperature: float = option("T: both distributions are softened by T before D; the T^2 factor keeps the "
+                                "gradients' size the same for any T", default=1.0)
+    beta: float = option("D is the generalised Jensen-Shannon divergence of GKD: 0 = forward KL(teacher || "
+                         "student), 1 = reverse KL(student || teacher), between = the JSD of that mixture",
+                         default=0.5)
+    teacher_topk: int = option("compute the teacher's top-K log-probabilities of every trained token once, into a "
+                               "cache on disk beside the data, and then free the teacher; 0 = run the teacher at "
+                               "every step", default=0)
+
+    def validate(self):
+        """One-line ValueErrors for settings that cannot work (before any model is loaded)."""
+        if self.data not in ("chats", "text"):
+            raise ValueError(f"--data must be chats or text, not {self.data!r}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"--alpha must be in [0, 1], not {self.alpha}")
+        if not 0 <= self.beta <= 1:
+            raise ValueError(f"--beta must be in [0, 1], not {self.beta}")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, not {self.temperature}")
+        if self.teacher_topk < 0:
+            raise ValueError(f"--teacher_topk must be >= 0, not {self.teacher_topk}")
+        if self.teacher_topk and self.pack:
+            raise ValueError("--teacher_topk and --pack do not go together: the stored top-K are per chat")

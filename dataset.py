@@ -296,14 +296,28 @@ def shift_chat(ids: list[int], mask: list[int], max_len: int) -> tuple[np.ndarra
     return ids[:-1], ids[1:], mask[1:]
 
 
+def token_weights(labels: np.ndarray, mask: np.ndarray, weighted_ids=(), weight: float = 1.0) -> np.ndarray:
+    """The loss weight of each label (float32): 0 where mask is 0, else 1, or `weight` for the ids in
+    weighted_ids (e.g. the reasoning format's <think> and </think>, --think_weight)."""
+    weights = mask.astype(np.float32)
+    if len(weighted_ids) and weight != 1:
+        weights[(mask != 0) & np.isin(labels, weighted_ids)] = weight
+    return weights
+
+
+def empty_chat_batch(rows: int, width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and labels all padding, loss_mask (a float weight per label) all 0, each (rows, width)."""
+    return {"input_ids": torch.full((rows, width), pad_id, dtype=torch.long),
+            "labels": torch.full((rows, width), pad_id, dtype=torch.long),
+            "loss_mask": torch.zeros((rows, width), dtype=torch.float32)}
+
+
 def pad_right(rows, width: int, pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids, labels, loss_mask (len(rows), width) from shift_chat's triples, padded on the right.
 
     Padding comes after the real tokens, so causal attention never lets a real token see it; its loss_mask is 0.
     """
-    batch = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-             "labels": torch.full((len(rows), width), pad_id, dtype=torch.long),
-             "loss_mask": torch.zeros((len(rows), width), dtype=torch.long)}
+    batch = empty_chat_batch(len(rows), width, pad_id)
     for row, example in enumerate(rows):
         for name, values in zip(batch, example):
             batch[name][row, :len(values)] = torch.from_numpy(values)
@@ -352,11 +366,12 @@ def encode_chat(tokenizer, record: dict, where: str) -> list[tuple[list[int], li
 
 class SFTDataset(RowDataset):
     """Chats for supervised fine-tuning (a .jsonl file or hf:<dataset>, through its token cache), batched by
-    padding or by packing."""
+    padding or by packing. The loss mask weighs the reasoning format's <think> and </think> by think_weight."""
 
     def __init__(self, source: str, tokenizer, seq_len: int, drop_long: bool = False, skip_bad_rows: bool = False,
-                 hf_data_files: str = "", hf_split: str = "train"):
+                 hf_data_files: str = "", hf_split: str = "train", think_weight: float = 1.0):
         self.seq_len, self.pad_id = seq_len, tokenizer.pad_id
+        self.think_ids, self.think_weight = np.array(tokenizer.think_ids, dtype=np.int64), think_weight
         self.rows = tokenized(source, tokenizer, "chats", encode_chat, skip_bad_rows, hf_data_files, hf_split)
         lengths, first = self.rows.lengths(), np.asarray(self.rows.first_trained)
         too_long = lengths > seq_len + 1
@@ -374,8 +389,9 @@ class SFTDataset(RowDataset):
                 f"as too long" + (f", {self.n_skipped} malformed rows skipped" if self.n_skipped else "") + ")")
 
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """input_ids, labels and loss_mask of chat i (shift_chat, cut to seq_len)."""
-        return shift_chat(*self.rows.row(int(self.index[i])), self.seq_len)
+        """input_ids, labels and loss_mask of chat i (shift_chat, cut to seq_len), the mask as token_weights."""
+        input_ids, labels, mask = shift_chat(*self.rows.row(int(self.index[i])), self.seq_len)
+        return input_ids, labels, token_weights(labels, mask, self.think_ids, self.think_weight)
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """One chat per row, right-padded: input_ids, labels, loss_mask (B, T).
@@ -394,9 +410,7 @@ class SFTDataset(RowDataset):
         not fit in the last row is left for the next batch (the sampler does not advance past it).
         """
         T = self.seq_len
-        batch = {"input_ids": torch.full((batch_size, T), self.pad_id, dtype=torch.long),
-                 "labels": torch.full((batch_size, T), self.pad_id, dtype=torch.long),
-                 "loss_mask": torch.zeros((batch_size, T), dtype=torch.long),
+        batch = {**empty_chat_batch(batch_size, T, self.pad_id),
                  "segment_ids": torch.zeros((batch_size, T), dtype=torch.long)}
         row, used, segment = 0, 0, 0
         while True:
@@ -415,14 +429,15 @@ class SFTDataset(RowDataset):
 
 
 def format_mask(tokenizer, input_ids, labels, loss_mask) -> str:
-    """A chat as text with the trained-on tokens (the labels where loss_mask is 1) between ⟦ and ⟧."""
+    """A chat as text with the trained-on tokens (the labels where loss_mask is not 0) between ⟦ and ⟧, and
+    ×W after the tokens of weight W != 1."""
     ids = [int(input_ids[0]), *(int(t) for t in labels)]
-    trained = [0, *(int(m) for m in loss_mask)]
+    weights = [0.0, *(float(m) for m in loss_mask)]
     out, start = [], 0
     for i in range(1, len(ids) + 1):
-        if i == len(ids) or trained[i] != trained[start]:  # the end of a run of equally masked tokens
-            text = tokenizer.decode(ids[start:i])
-            out.append(f"⟦{text}⟧" if trained[start] else text)
+        if i == len(ids) or weights[i] != weights[start]:  # the end of a run of equally weighted tokens
+            text, weight = tokenizer.decode(ids[start:i]), weights[start]
+            out.append(text if weight == 0 else f"⟦{text}⟧" + (f"×{weight:g}" if weight != 1 else ""))
             start = i
     return "".join(out)
 

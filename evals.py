@@ -4,6 +4,8 @@ import re
 
 import torch
 
+from tokenizer import split_think
+
 CJK = re.compile(r"[\u3400-\u9fff]")
 FINAL_PUNCTUATION = ".!?,;:。！？，；：…\"'“”‘’ "
 
@@ -52,7 +54,9 @@ def answer_accuracy(model, tokenizer, records: list[list[dict]], max_new_tokens:
     """Exact-match accuracy of greedy answers to the first question of each held-out chat.
 
     records are message lists (e.g. from sft_val.jsonl). A reply matches if it equals the expected answer up to
-    whitespace, case and final punctuation (answer_matches). Also split by the answer's language
+    whitespace, case and final punctuation (answer_matches). In the reasoning format (`<think>…</think>answer`),
+    only the part after </think> is scored, of the reply and of the expected answer alike, so a reply that
+    never closes its <think> is wrong. Also split by the answer's language
     (Chinese if it contains CJK characters); a language without samples gives nan.
     """
     was_training = model.training
@@ -62,7 +66,8 @@ def answer_accuracy(model, tokenizer, records: list[list[dict]], max_new_tokens:
     model.train(was_training)
     hits = {"en": [], "zh": []}
     for reply, answer in zip(replies, expected):
-        hits["zh" if CJK.search(answer) else "en"].append(answer_matches(reply, answer))
+        answer = split_think(answer)[1]
+        hits["zh" if CJK.search(answer) else "en"].append(answer_matches(split_think(reply)[1], answer))
 
     def mean(xs):
         return sum(xs) / len(xs) if xs else float("nan")

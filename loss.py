@@ -1,4 +1,7 @@
-"""Training losses: the language-model loss and the preference (DPO) losses."""
+"""Training losses: the language-model loss, the distillation divergence (generalised JSD), the preference (DPO)
+losses."""
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -10,14 +13,19 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor
     """Next-token cross entropy, averaged over the tokens that count.
 
     logits (B, T, V) and targets (B, T) are already aligned: targets[:, t] is the token after position t
-    (the dataset shifts once, the loss never shifts again). loss_mask (B, T) is 1 where the target is
-    trained on; targets equal to IGNORE_INDEX never count either.
+    (the dataset shifts once, the loss never shifts again). loss_mask (B, T) is 0 where the target is not
+    trained on and otherwise the token's weight, 1 for a plain token: the loss is sum(weight * CE) / (number of
+    trained tokens), so weights of 1 give the plain mean and a weight W > 1 adds W - 1 times more of that
+    token's loss, as MiniMind weights its reasoning tags. Targets equal to IGNORE_INDEX never count either.
     """
-    if loss_mask is not None:
-        targets = targets.masked_fill(loss_mask == 0, IGNORE_INDEX)
     # Cross entropy in float32: with bf16/fp16 logits the log-sum-exp over the vocabulary loses precision.
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    logits, targets = logits.float().view(-1, logits.shape[-1]), targets.reshape(-1)
+    if loss_mask is None:
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX)
+    weights = loss_mask.reshape(-1).float()
+    targets = targets.masked_fill(weights == 0, IGNORE_INDEX)
+    token_losses = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")  # 0 if ignored
+    return (token_losses * weights).sum() / (targets != IGNORE_INDEX).sum()
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -32,6 +40,74 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     return (token_logps * loss_mask).sum(-1)
 
 
+# ----------------------------------------------------------------------------- distillation
+def token_jsd(student_logps: torch.Tensor, teacher_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """The generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1) at each position (...,).
+
+    student_logps and teacher_logps are log-probabilities over the last dimension. With the mixture
+    M = beta * teacher + (1 - beta) * student:  JSD_beta = beta * KL(teacher || M) + (1 - beta) * KL(student || M).
+    JSD_beta vanishes at beta 0 and 1, so there (as in GKD and trl) beta = 0 means the forward KL(teacher ||
+    student) and beta = 1 the reverse KL(student || teacher). The mixture is formed in log space (logsumexp),
+    so that tiny probabilities do not underflow.
+    """
+    def kl(p_logps, q_logps):  # KL(p || q) = sum_v p_v (log p_v - log q_v)
+        return (p_logps.exp() * (p_logps - q_logps)).sum(-1)
+
+    if beta == 0:
+        return kl(teacher_logps, student_logps)
+    if beta == 1:
+        return kl(student_logps, teacher_logps)
+    mixture_logps = torch.logsumexp(torch.stack([teacher_logps + math.log(beta),
+                                                 student_logps + math.log(1 - beta)]), dim=0)
+    return beta * kl(teacher_logps, mixture_logps) + (1 - beta) * kl(student_logps, mixture_logps)
+
+
+def masked_mean(values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of values (B, T) over the positions where loss_mask is not 0 (0 if there are none)."""
+    keep = loss_mask != 0
+    return values.masked_fill(~keep, 0).sum() / keep.sum().clamp(min=1)
+
+
+def check_beta(beta: float) -> None:
+    if not 0 <= beta <= 1:
+        raise ValueError(f"the divergence's beta must be in [0, 1] (0 forward KL, 1 reverse KL), not {beta}")
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor,
+                    beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """Generalised JSD (token_jsd) between the student's and the teacher's next-token distributions at
+    `temperature`, averaged over the positions where loss_mask (B, T) is not 0. Logits (B, T, V), aligned.
+
+    Equals trl's GKDTrainer.generalized_jsd_loss with labels -100 where the mask is 0 (reduction "batchmean").
+    """
+    check_beta(beta)
+    student_logps = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_logps = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return masked_mean(token_jsd(student_logps, teacher_logps, beta), loss_mask)
+
+
+def topk_logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities (..., K + 1) at `temperature` of the K tokens `ids` (..., K) and, last, of all other
+    tokens together: the distribution seen through a teacher's top K (a distribution over K + 1 outcomes)."""
+    logps = F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, ids)
+    # log(1 - sum of the K probabilities), kept above 0 so that a teacher-sure token does not give log 0.
+    rest = (-torch.expm1(torch.logsumexp(logps, -1, keepdim=True))).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.cat([logps, rest.log()], dim=-1)
+
+
+def topk_jsd(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logps: torch.Tensor,
+             loss_mask: torch.Tensor, beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """generalized_jsd against a teacher stored as its top K: teacher_ids (B, T, K) and teacher_logps
+    (B, T, K + 1) from topk_logps of the teacher. Both distributions are compared over the same K + 1 outcomes
+    (the K tokens and 'any other'), which is exact for that coarser view and equals generalized_jsd when K
+    covers the vocabulary."""
+    check_beta(beta)
+    teacher_logps = teacher_logps.float().log_softmax(-1)  # stored in float16: sum to 1 again
+    return masked_mean(token_jsd(topk_logps(student_logits, teacher_ids, temperature), teacher_logps, beta),
+                       loss_mask)
+
+
+# ----------------------------------------------------------------------------- preferences
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 

@@ -2,7 +2,8 @@
 
 A cache is a directory of flat arrays (numpy's raw .tofile layout, one value after another):
   tokens.bin         every row's token ids, one row after another (uint16, or uint32 for larger vocabularies)
-  masks.bin          one uint8 per token: 1 where the model is trained to write it (assistant content)
+  masks.bin          one uint8 per token: 1 where the model is trained to write it (assistant content); the
+                     loss weight of each token (dataset.token_weights) follows from it and the token's id
   offsets.bin        int64, rows + 1 of them: row i is tokens[offsets[i]:offsets[i + 1]]
   first_trained.bin  int64 per row: the first position >= 1 whose mask is 1 (the row's length if none)
   lines.bin          int64 per row: the line (or hf row) of the source it came from, for error messages
@@ -25,7 +26,9 @@ import numpy as np
 
 from fileio import write_json
 
-FORMAT = 1  # bump when the layout or the tokenisation of rows changes: old caches are then ignored
+# Bump when the layout or the tokenisation of rows changes: old caches are then ignored (and rebuilt).
+# 2: an assistant's <think> and </think> are the special tokens (Tokenizer.encode_reply).
+FORMAT = 2
 ROW_ARRAYS = {"offsets": np.int64, "first_trained": np.int64, "lines": np.int64}
 
 

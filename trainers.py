@@ -37,7 +37,15 @@ from checkpoint import (
     save_checkpoint,
 )
 from configs import SFTConfig, TrainConfig, exit_on_bad_input, get_config
-from dataset import PreferenceDataset, PretrainDataset, SFTDataset, format_mask, load_chats, shift_chat
+from dataset import (
+    PreferenceDataset,
+    PretrainDataset,
+    SFTDataset,
+    format_mask,
+    load_chats,
+    shift_chat,
+    token_weights,
+)
 from devices import EagerFallback, autocast, peak_memory, pick_compile, pick_device, pick_dtype
 from evals import answer_accuracy
 from loss import DPOLoss, lm_loss, sequence_logps
@@ -428,10 +436,10 @@ def find_init_dir(init_from: str, stages: tuple[str, ...]) -> Path:
                             f"`python train_{stages[-1]}.py` first, or pass --init_from DIR")
 
 
-def load_answer_chats(cfg, given: str, log) -> list[list[dict]]:
-    """The first eval_samples held-out chats of a --sft_val_data style flag ('' = <data_dir>/sft_val.jsonl), whose
+def load_answer_chats(cfg, given: str, log, name: str = "sft_val.jsonl") -> list[list[dict]]:
+    """The first eval_samples held-out chats of a --sft_val_data style flag ('' = <data_dir>/<name>), whose
     first answers evaluate a chat stage; none with eval_samples 0."""
-    source = chat_source(cfg, "sft_val.jsonl", given) if cfg.eval_samples > 0 else None
+    source = chat_source(cfg, name, given) if cfg.eval_samples > 0 else None
     if source is None:
         return []
     chats, skipped = load_chats(source, limit=cfg.eval_samples, **cfg.read_options())
@@ -464,24 +472,32 @@ class SFTTrainer(Trainer):
         return self.load_pretrained(self.init_source)
 
     def build_data(self):
+        self.build_chat_data()
+        self.sampler = self.train_data.sampler(self.cfg.seed, self.rank, self.world)
+
+    def build_chat_data(self):
+        """train_data and val_data (None with --sft_val_data none) from the chat options, and answer_chats."""
         cfg = self.cfg
         if self.seq_len > self.model.config.max_seq_len:
             raise ValueError(f"seq_len {self.seq_len} is longer than the model's max_seq_len "
                              f"{self.model.config.max_seq_len}")
-        train_source = chat_source(cfg, "sft_train.jsonl", cfg.sft_data)
+        if (cfg.reasoning or cfg.think_weight != 1) and not self.tokenizer.think_ids:
+            raise ValueError(f"the tokenizer of {self.init_source or cfg.data_dir} has no <think> and </think> "
+                             f"tokens (it predates the reasoning format): prepare the data again "
+                             f"(python prepare.py) and pretrain on it")
+        train_source = chat_source(cfg, cfg.chat_file("train"), cfg.sft_data)
         if train_source is None:
             raise ValueError("--sft_data none: there must be training chats")
+        options = {**cfg.read_options(), "think_weight": cfg.think_weight}
         with self.rank_zero_first():  # rank 0 tokenises into the cache, the others then read it
-            self.train_data = SFTDataset(train_source, self.tokenizer, self.seq_len, cfg.drop_long,
-                                         **cfg.read_options())
+            self.train_data = SFTDataset(train_source, self.tokenizer, self.seq_len, cfg.drop_long, **options)
         self.log(f"{train_source}: {self.train_data.summary()}")
-        self.sampler = self.train_data.sampler(cfg.seed, self.rank, self.world)
-        val_source = chat_source(cfg, "sft_val.jsonl", cfg.sft_val_data)
+        val_source = chat_source(cfg, cfg.chat_file("val"), cfg.sft_val_data)
         self.val_data = None
         if val_source:
             with self.rank_zero_first():
-                self.val_data = SFTDataset(val_source, self.tokenizer, self.seq_len, **cfg.read_options())
-        self.answer_chats = load_answer_chats(cfg, cfg.sft_val_data, self.log)
+                self.val_data = SFTDataset(val_source, self.tokenizer, self.seq_len, **options)
+        self.answer_chats = load_answer_chats(cfg, cfg.sft_val_data, self.log, cfg.chat_file("val"))
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.cfg.pack:
@@ -500,7 +516,7 @@ class SFTTrainer(Trainer):
     @classmethod
     def show_mask(cls, cfg: SFTConfig) -> str:
         """The first training chat as the trainer sees it, the trained-on tokens between ⟦ ⟧ (--show_mask)."""
-        source = chat_source(cfg, "sft_train.jsonl", cfg.sft_data)
+        source = chat_source(cfg, cfg.chat_file("train"), cfg.sft_data)
         if source is None:
             raise ValueError("--sft_data none: there is no training chat to show")
         try:  # the tokenizer of the checkpoint to fine-tune, else (before pretraining) the data's
@@ -511,9 +527,10 @@ class SFTTrainer(Trainer):
         if not chats:
             raise ValueError(f"{source}: no chats")
         ids, mask = tokenizer.apply_chat_template(chats[0], return_assistant_mask=True)
-        example = shift_chat(ids, mask, cfg.seq_len or len(ids))
-        return (f"{source}, first chat: {len(ids)} tokens, {int(example[2].sum())} trained on (between ⟦ ⟧):\n\n"
-                + format_mask(tokenizer, *example))
+        input_ids, labels, mask = shift_chat(ids, mask, cfg.seq_len or len(ids))
+        weights = token_weights(labels, mask, tokenizer.think_ids, cfg.think_weight)
+        return (f"{source}, first chat: {len(ids)} tokens, {int(mask.sum())} trained on (between ⟦ ⟧):\n\n"
+                + format_mask(tokenizer, input_ids, labels, weights))
 
 
 
