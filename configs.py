@@ -372,5 +372,6 @@ class DistillConfig(ChatDataOptions, FineTuneOptions, TrainConfig):
             raise ValueError(f"--temperature must be > 0, not {self.temperature}")
         if self.teacher_topk < 0:
             raise ValueError(f"--teacher_topk must be >= 0, not {self.teacher_topk}")
-        if self.teacher_topk and self.pack:
-            raise ValueError("--teacher_topk and --pack do not go together: the stored top-K are per chat")
+        if self.pack and (self.teacher_topk or self.data == "text"):
+            raise ValueError("--pack is for chats without --teacher_topk (the stored top K are per chat; text "
+                             "windows are full already)")

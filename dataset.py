@@ -4,6 +4,7 @@ Chats and preference pairs are tokenised once into a cache beside their file (to
 batch at a time, so a file of any size trains in the memory of a batch.
 """
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokencache import TokenRows, cache_dir, is_complete, write_rows
+from tokencache import TokenRows, cache_dir, file_digest, is_complete, write_rows
 from tokenizer import CHAT_ROLES
 
 
@@ -273,14 +274,41 @@ class RowDataset:
     def __len__(self) -> int:
         return len(self.index)
 
+    def identity(self) -> tuple[Path, str]:
+        """(a path that files derived from these rows are named after, a text that changes whenever the rows, their
+        tokens or their order change): the key of the teacher's stored outputs (teachercache.py)."""
+        raise NotImplementedError
+
     def sampler(self, seed: int, rank: int = 0, world: int = 1) -> "RowSampler":
         return RowSampler(len(self), seed, rank, world)
 
-    def eval_batches(self, batch_size: int, n_batches: int, rank: int = 0, world: int = 1):
-        """The first n_batches * batch_size rows, in batches: the same at every call and on every rank."""
+    def eval_indices(self, batch_size: int, n_batches: int) -> list[list[int]]:
+        """The first n_batches * batch_size rows, in batches of indices: the same at every call and on every rank."""
         n = min(len(self), n_batches * batch_size)
-        for start in range(0, n, batch_size):
-            yield self.batch(list(range(start, min(n, start + batch_size))))
+        return [list(range(start, min(n, start + batch_size))) for start in range(0, n, batch_size)]
+
+    def eval_batches(self, batch_size: int, n_batches: int, rank: int = 0, world: int = 1):
+        """The batches of eval_indices."""
+        for indices in self.eval_indices(batch_size, n_batches):
+            yield self.batch(indices)
+
+
+class TextWindows(RowDataset):
+    """The token file of a split cut into consecutive windows of seq_len inputs (and the next token of each as
+    the last label), as rows: every window is visited once an epoch and always starts at the same token, so that
+    what a model predicts in it can be stored (distillation with --teacher_topk). The loss counts every token."""
+
+    def __init__(self, data_dir, split: str, seq_len: int):
+        self.windows = PretrainDataset(data_dir, split, seq_len)
+        self.seq_len, self.path = seq_len, Path(data_dir) / f"{split}.bin"
+        self.index = np.arange((len(self.windows.tokens) - 1) // seq_len)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        batch = self.windows.batch(np.asarray(indices) * self.seq_len)
+        return {**batch, "loss_mask": torch.ones(batch["labels"].shape)}
+
+    def identity(self) -> tuple[Path, str]:
+        return self.path.parent / ".cache" / self.path.name, f"{file_digest(self.path).hex()} seq_len {self.seq_len}"
 
 
 # ----------------------------------------------------------------------------- supervised fine-tuning
@@ -383,6 +411,11 @@ class SFTDataset(RowDataset):
         self.n_tokens = int(np.minimum(lengths[keep] - 1, seq_len).sum())  # input tokens of one epoch
         if not len(self.index):
             raise ValueError(f"{source}: no chat has an assistant token within seq_len={seq_len}")
+
+    def identity(self) -> tuple[Path, str]:
+        rows = hashlib.blake2b(self.index.tobytes(), digest_size=16).hexdigest()
+        return self.rows.directory, (f"{self.rows.directory.name} seq_len {self.seq_len} "
+                                     f"think_weight {self.think_weight} rows {rows}")
 
     def summary(self) -> str:
         return (f"{len(self)} chats ({self.n_truncated} truncated to {self.seq_len} tokens, {self.n_dropped} dropped "

@@ -131,7 +131,7 @@ def is_complete(directory: Path) -> bool:
     return (directory / "meta.json").exists()
 
 
-def _read_array(path: Path, dtype) -> np.ndarray:
+def read_array(path: Path, dtype) -> np.ndarray:
     """A memory-mapped flat array (np.memmap refuses an empty file)."""
     return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.empty(0, dtype)
 
@@ -140,11 +140,11 @@ class TokenRows:
     """A cache written by write_rows: `row(i)` reads row i's ids and mask from disk."""
 
     def __init__(self, directory):
-        directory = Path(directory)
+        self.directory = directory = Path(directory)
         self.meta = json.loads((directory / "meta.json").read_text())
         self.dtype = np.dtype(self.meta["dtype"])
         for name, dtype in ROW_ARRAYS.items():
-            setattr(self, name, _read_array(directory / f"{name}.bin", dtype))
+            setattr(self, name, read_array(directory / f"{name}.bin", dtype))
         self._tokens = open(directory / "tokens.bin", "rb")
         self._masks = open(directory / "masks.bin", "rb")
 

@@ -41,6 +41,7 @@ from dataset import (
     PreferenceDataset,
     PretrainDataset,
     SFTDataset,
+    TextWindows,
     format_mask,
     load_chats,
     shift_chat,
@@ -48,10 +49,12 @@ from dataset import (
 )
 from devices import EagerFallback, autocast, peak_memory, pick_compile, pick_device, pick_dtype
 from evals import answer_accuracy
-from loss import DPOLoss, lm_loss, sequence_logps
+from loss import DPOLoss, generalized_jsd, lm_loss, sequence_logps, topk_jsd
 from model import GPT
 from moe import collect_moe_stats
 from prepare import data_path
+from teachercache import TeacherTopK, store_dir, write_store
+from tokencache import fingerprint, is_complete
 from tokenizer import Tokenizer
 
 
@@ -152,6 +155,11 @@ class Trainer:
         if source:
             return self.load_pretrained(source)
         tokenizer = Tokenizer.from_pretrained(data_path(self.cfg.data_dir))
+        return self.new_model(tokenizer), tokenizer
+
+    def new_model(self, tokenizer: Tokenizer) -> GPT:
+        """A fresh model of --preset ('auto': tiny on a CPU, else minimind2-small) and the model flags, shaped for
+        the tokenizer."""
         preset = self.cfg.preset
         if preset == "auto":
             preset = "tiny" if self.device.type == "cpu" else "minimind2-small"
@@ -160,7 +168,7 @@ class Trainer:
             raise ValueError(f"model vocab_size {config.vocab_size} < tokenizer's {tokenizer.vocab_size}")
         model = GPT(config)
         self.log(f"new {preset} model ({model.describe_size()})")
-        return model, tokenizer
+        return model
 
     def load_pretrained(self, directory) -> tuple[GPT, Tokenizer]:
         """Model (with any model-field overrides such as dropout) and tokenizer of a checkpoint."""
@@ -626,8 +634,7 @@ class DPOTrainer(LoRAMixin, Trainer):
         """A full checkpoint, or an adapter checkpoint (checkpoint/lora) with its adapters folded into its base."""
         if not lora.is_adapter_dir(directory):
             return self.load_pretrained(directory)
-        model, tokenizer = lora.load_lora_checkpoint(directory)
-        lora.merge_and_unload(model)
+        model, tokenizer = lora.load_merged(directory)
         if self.model_overrides:  # e.g. --dropout: rebuild with the overrides, keep the merged weights
             merged = model.state_dict()
             model = GPT(dataclasses.replace(model.config, **self.model_overrides))
@@ -700,3 +707,120 @@ class DPOTrainer(LoRAMixin, Trainer):
                       "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
                       "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
                       "logps/chosen": chosen_logps.detach().mean(), "logps/rejected": rejected_logps.detach().mean()}
+
+
+class DistillTrainer(SFTTrainer):
+    """Knowledge distillation: a student learns from a frozen teacher's next-token distributions as well as from the
+    labels, on chats (the assistant tokens, as in SFT) or on pretraining text (every token of fixed windows).
+
+    loss = alpha * CE(labels) + (1 - alpha) * T² * D(teacher, student), with D the generalised JSD at temperature T
+    (loss.generalized_jsd) over the trained tokens. The teacher runs at every step without gradients, in the
+    student's precision; or, with --teacher_topk K, once over all the data into a store on disk (teachercache.py),
+    after which it is freed. The student is a fresh model of the preset or --init_from; it must have the teacher's
+    tokenizer, as D compares the two distributions token id by token id.
+    """
+
+    stage = "distill"
+
+    def __init__(self, cfg, model_overrides: dict | None = None):
+        cfg.validate()  # bad settings fail before any loading
+        super().__init__(cfg, model_overrides)
+
+    def build_model(self) -> tuple[GPT, Tokenizer]:
+        """The student, and the teacher (frozen, on the device): when resuming, the student of out_dir and the
+        teacher that run.json names, whatever the flags say now."""
+        cfg = self.cfg
+        info = load_run_info(self.out_dir) if cfg.resume else {"init_from": cfg.init_from}
+        self.teacher_dir = info.get("teacher") or str(find_init_dir(cfg.teacher, ("sft",)))
+        self.teacher, tokenizer = lora.load_merged(self.teacher_dir)
+        self.teacher.to(self.device).eval().requires_grad_(False)
+        self.log(f"teacher {self.teacher_dir} ({self.teacher.describe_size()})")
+        self.init_source = info["init_from"]
+        student_dir = self.out_dir if cfg.resume else cfg.init_from
+        if not student_dir:
+            return self.new_model(tokenizer), tokenizer
+        student, student_tokenizer = self.load_pretrained(student_dir)
+        self.check_tokenizer(student_tokenizer, tokenizer, f"the student {student_dir}")
+        return student, tokenizer
+
+    def check_tokenizer(self, tokenizer: Tokenizer, teacher_tokenizer: Tokenizer, whose: str):
+        if fingerprint(tokenizer) != fingerprint(teacher_tokenizer):
+            raise ValueError(f"{whose} has another tokenizer than the teacher {self.teacher_dir}: distillation "
+                             f"compares their next-token distributions token id by token id, so they must share one")
+
+    def build_data(self):
+        """Chats or text windows, and with --teacher_topk the teacher's stores of both splits (then the teacher
+        is freed)."""
+        cfg = self.cfg
+        if self.seq_len > self.teacher.config.max_seq_len:
+            raise ValueError(f"seq_len {self.seq_len} is longer than the teacher's max_seq_len "
+                             f"{self.teacher.config.max_seq_len}")
+        if cfg.data == "chats":
+            self.build_chat_data()
+        else:
+            if self.seq_len > self.model.config.max_seq_len:
+                raise ValueError(f"seq_len {self.seq_len} is longer than the model's max_seq_len "
+                                 f"{self.model.config.max_seq_len}")
+            data_dir = data_path(cfg.data_dir)
+            self.check_tokenizer(Tokenizer.from_pretrained(data_dir), self.tokenizer, f"the data {data_dir}")
+            self.train_data, self.val_data = (TextWindows(data_dir, split, self.seq_len) for split in ("train", "val"))
+            self.log(f"{data_dir}: {len(self.train_data)} train and {len(self.val_data)} val windows of "
+                     f"{self.seq_len} tokens")
+        self.sampler = self.train_data.sampler(cfg.seed, self.rank, self.world)
+        self.stored: dict[str, TeacherTopK] = {}
+        if cfg.teacher_topk:
+            for split, data in (("train", self.train_data), ("val", self.val_data)):
+                if data is not None:
+                    self.stored[split] = self.teacher_store(data)
+            self.teacher = None  # all it has to say is on disk now
+
+    def teacher_store(self, data) -> TeacherTopK:
+        """The teacher's top-K store of `data`, written first if there is none yet (by rank 0)."""
+        cfg = self.cfg
+        directory = store_dir(data, self.teacher, cfg.teacher_topk, cfg.temperature, self.dtype)
+        with self.rank_zero_first():
+            if not is_complete(directory):
+                write_store(directory, data, self.teacher_logits, cfg.teacher_topk, cfg.temperature,
+                            self.tokenizer.vocab_size, cfg.batch_size, self.log)
+        return TeacherTopK(directory)
+
+    @torch.no_grad()
+    def teacher_logits(self, batch) -> torch.Tensor:
+        batch = self.to_device(batch)
+        with self.autocast():
+            return self.teacher(batch["input_ids"], segment_ids=batch.get("segment_ids"))
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.cfg.pack:  # (never with --teacher_topk)
+            return super().next_batch()
+        return self.batch_of("train", self.sampler.next(self.cfg.batch_size))
+
+    def eval_batches(self, split: str):
+        data = {"train": self.train_data, "val": self.val_data}[split]
+        if data is not None:
+            for indices in data.eval_indices(self.cfg.batch_size, self.cfg.eval_iters):
+                yield self.batch_of(split, indices)
+
+    def batch_of(self, split: str, indices) -> dict[str, torch.Tensor]:
+        """Rows `indices` of a split, with the teacher's stored top K if there is a store."""
+        batch = {"train": self.train_data, "val": self.val_data}[split].batch(indices)
+        if split in self.stored:
+            batch.update(self.stored[split].batch(indices, batch["loss_mask"]))
+        return self.to_device(batch)
+
+    def compute_loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, vocab = self.cfg, self.tokenizer.vocab_size
+        logits = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))[..., :vocab]
+        ce = lm_loss(logits, batch["labels"], batch["loss_mask"])
+        if "teacher_ids" in batch:
+            divergence = topk_jsd(logits, batch["teacher_ids"], batch["teacher_logps"], batch["loss_mask"], cfg.beta,
+                                  cfg.temperature)
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(batch["input_ids"], segment_ids=batch.get("segment_ids"))[..., :vocab]
+            divergence = generalized_jsd(logits, teacher_logits, batch["loss_mask"], cfg.beta, cfg.temperature)
+        loss = cfg.alpha * ce + (1 - cfg.alpha) * cfg.temperature ** 2 * divergence
+        return loss, {"ce": ce.detach(), "divergence": divergence.detach()}
+
+    def run_info(self) -> dict:
+        return {**super().run_info(), "teacher": self.teacher_dir}

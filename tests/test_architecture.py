@@ -4,7 +4,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING_SCRIPTS = {"train_pretrain", "train_sft", "train_lora", "train_dpo"}
+TRAINING_SCRIPTS = {"train_pretrain", "train_sft", "train_lora", "train_dpo", "train_distill"}
 ENTRY_POINTS = TRAINING_SCRIPTS | {"demo", "bench"}
 
 
