@@ -334,16 +334,11 @@ class DPOConfig(LoRAOptions, FineTuneOptions, TrainConfig):
 
 
 @dataclass
-class DistillConfig(ChatDataOptions, FineTuneOptions, TrainConfig):
+class DistillConfig(SFTConfig):
     """Knowledge distillation (train_distill.py): a student learns from a frozen teacher's next-token distributions
     as well as from the labels. The student is a fresh model of --preset (and the model flags), or --init_from."""
 
-    seq_len: int = 0
-    max_steps: int = 300
-    min_lr: float = 2e-4
-    warmup_steps: int = 15
     eval_interval: int = 100
-    eval_iters: int = 4
     teacher: str = option("the teacher checkpoint (it must have the student's tokenizer); '' = the latest "
                           "checkpoint/sft", default="")
     data: str = option("'chats' (the chats of --sft_data; the loss on the assistant tokens) or 'text' (windows of "

@@ -15,8 +15,6 @@ when complete. The arrays are read through memory maps, a batch at a time.
 
 import hashlib
 import json
-import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +24,7 @@ from tqdm import tqdm
 
 from fileio import write_json
 from loss import topk_logps
-from tokencache import is_complete, read_array
+from tokencache import building, read_array
 
 FORMAT = 1
 
@@ -54,11 +52,8 @@ def write_store(directory: Path, data, teacher_logits: Callable[[dict], torch.Te
     """Run the teacher over every row of `data` (teacher_logits(batch) -> (B, T, vocab_size) logits, on any device)
     and write the top-k store of its trained tokens into `directory`, atomically."""
     id_dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
-    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     offsets = [0]
-    try:
+    with building(directory) as tmp:
         with open(tmp / "ids.bin", "wb") as ids_file, open(tmp / "logps.bin", "wb") as logps_file:
             for start in tqdm(range(0, len(data), batch_size), desc=f"teacher top-{k} (once)", unit=" batches",
                               mininterval=5):
@@ -74,13 +69,6 @@ def write_store(directory: Path, data, teacher_logits: Callable[[dict], torch.Te
         write_json(tmp / "meta.json", {"format": FORMAT, "k": k, "temperature": temperature, "rows": len(data),
                                        "entries": offsets[-1], "id_dtype": np.dtype(id_dtype).name,
                                        "rows_key": data.identity()[1]})
-        try:
-            os.replace(tmp, directory)
-        except OSError:  # another process finished the same store first: keep theirs
-            if not is_complete(directory):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # only still there if something failed
     size = sum(f.stat().st_size for f in directory.iterdir())
     log(f"{directory}: the teacher's top {k} of {offsets[-1]:,} trained tokens, {size / 2**20:.1f} MiB")
 

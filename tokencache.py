@@ -18,8 +18,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -91,10 +91,7 @@ def write_rows(directory: Path, rows: Iterable[tuple[int, list[int], list[int]]]
     """
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     dtypes = {"tokens": dtype, "masks": np.uint8, **ROW_ARRAYS}
-    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building(directory) as tmp:
         with ExitStack() as stack:
             files = {name: stack.enter_context(open(tmp / f"{name}.bin", "wb")) for name in dtypes}
             buffers = {name: [] for name in dtypes}
@@ -118,6 +115,21 @@ def write_rows(directory: Path, rows: Iterable[tuple[int, list[int], list[int]]]
             flush()
         write_json(tmp / "meta.json", {"format": FORMAT, "rows": n_rows, "tokens": n_tokens,
                                        "dtype": np.dtype(dtype).name, **meta()})
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / "meta.json").exists()
+
+
+@contextmanager
+def building(directory: Path) -> Iterator[Path]:
+    """A fresh temporary directory beside `directory` to build a cache in (its meta.json last); renamed to
+    `directory` when the block ends, removed if it fails, so that nothing half-built looks complete."""
+    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         try:
             os.replace(tmp, directory)
         except OSError:  # another process finished the same cache first: keep theirs
@@ -125,10 +137,6 @@ def write_rows(directory: Path, rows: Iterable[tuple[int, list[int], list[int]]]
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # only still there if something failed
-
-
-def is_complete(directory: Path) -> bool:
-    return (directory / "meta.json").exists()
 
 
 def read_array(path: Path, dtype) -> np.ndarray:

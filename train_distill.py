@@ -8,9 +8,13 @@ Jensen-Shannon divergence of GKD (--beta 0 forward KL, 1 reverse KL). --data tex
 Multi-GPU: torchrun --nproc_per_node N train_distill.py
 """
 
-from configs import DistillConfig, parse_train_args
+from configs import DistillConfig, exit_on_bad_input, parse_train_args
 from trainers import DistillTrainer, run_stage
 
 if __name__ == "__main__":
     cfg, model_overrides = parse_train_args(DistillConfig, description=__doc__)
-    run_stage(DistillTrainer, cfg, model_overrides)
+    if cfg.show_mask:  # the tokens that the labels and the teacher train
+        with exit_on_bad_input():
+            print(DistillTrainer.show_mask(cfg))
+    else:
+        run_stage(DistillTrainer, cfg, model_overrides)

@@ -721,6 +721,7 @@ class DistillTrainer(SFTTrainer):
     """
 
     stage = "distill"
+    init_stages = ("sft",)  # --show_mask: the tokenizer of the latest checkpoint/sft, the default teacher
 
     def __init__(self, cfg, model_overrides: dict | None = None):
         cfg.validate()  # bad settings fail before any loading
