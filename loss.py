@@ -63,7 +63,7 @@ def token_jsd(student_logps: torch.Tensor, teacher_logps: torch.Tensor, beta: fl
 
 
 def masked_mean(values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """The mean of values (B, T) over the positions where loss_mask is not 0 (0 if there are none)."""
+    """The mean of values over the positions where loss_mask (the same shape) is not 0 (0 if there are none)."""
     keep = loss_mask != 0
     return values.masked_fill(~keep, 0).sum() / keep.sum().clamp(min=1)
 
@@ -76,7 +76,8 @@ def check_beta(beta: float) -> None:
 def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor,
                     beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
     """Generalised JSD (token_jsd) between the student's and the teacher's next-token distributions at
-    `temperature`, averaged over the positions where loss_mask (B, T) is not 0. Logits (B, T, V), aligned.
+    `temperature`, averaged over the positions where loss_mask is not 0. Logits (B, T, V) with loss_mask (B, T),
+    or any other leading shape, e.g. (N, V) with (N,) for the trained positions alone.
 
     Equals trl's GKDTrainer.generalized_jsd_loss with labels -100 where the mask is 0 (reduction "batchmean").
     """
@@ -97,8 +98,8 @@ def topk_logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0
 
 def topk_jsd(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logps: torch.Tensor,
              loss_mask: torch.Tensor, beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
-    """generalized_jsd against a teacher stored as its top K: teacher_ids (B, T, K) and teacher_logps
-    (B, T, K + 1) from topk_logps of the teacher. Both distributions are compared over the same K + 1 outcomes
+    """generalized_jsd against a teacher stored as its top K: teacher_ids (..., K) and teacher_logps (..., K + 1)
+    from topk_logps of the teacher. Both distributions are compared over the same K + 1 outcomes
     (the K tokens and 'any other'), which is exact for that coarser view and equals generalized_jsd when K
     covers the vocabulary."""
     check_beta(beta)

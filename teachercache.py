@@ -58,12 +58,12 @@ def write_store(directory: Path, data, teacher_logits: Callable[[dict], torch.Te
             for start in tqdm(range(0, len(data), batch_size), desc=f"teacher top-{k} (once)", unit=" batches",
                               mininterval=5):
                 batch = data.batch(range(start, min(start + batch_size, len(data))))
-                logits = teacher_logits(batch)[..., :vocab_size].float()
-                ids = logits.topk(k, dim=-1).indices
-                logps = topk_logps(logits, ids, temperature)
+                logits = teacher_logits(batch)[..., :vocab_size]
                 trained = batch["loss_mask"].to(logits.device) != 0
-                ids[trained].cpu().numpy().astype(id_dtype).tofile(ids_file)
-                logps[trained].cpu().numpy().astype(np.float16).tofile(logps_file)
+                logits = logits[trained].float()  # (trained tokens, vocab), row after row
+                ids = logits.topk(k, dim=-1).indices
+                ids.cpu().numpy().astype(id_dtype).tofile(ids_file)
+                topk_logps(logits, ids, temperature).cpu().numpy().astype(np.float16).tofile(logps_file)
                 offsets += (offsets[-1] + trained.sum(1).cumsum(0)).tolist()
         np.asarray(offsets, dtype=np.int64).tofile(tmp / "offsets.bin")
         write_json(tmp / "meta.json", {"format": FORMAT, "k": k, "temperature": temperature, "rows": len(data),

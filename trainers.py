@@ -812,14 +812,17 @@ class DistillTrainer(SFTTrainer):
     def compute_loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, vocab = self.cfg, self.tokenizer.vocab_size
         logits = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))[..., :vocab]
-        ce = lm_loss(logits, batch["labels"], batch["loss_mask"])
+        mask = batch["loss_mask"]
+        ce = lm_loss(logits, batch["labels"], mask)
+        trained = mask != 0  # the divergence at these positions only (a chat's few): its softmaxes are not cheap
         if "teacher_ids" in batch:
-            divergence = topk_jsd(logits, batch["teacher_ids"], batch["teacher_logps"], batch["loss_mask"], cfg.beta,
-                                  cfg.temperature)
+            divergence = topk_jsd(logits[trained], batch["teacher_ids"][trained], batch["teacher_logps"][trained],
+                                  mask[trained], cfg.beta, cfg.temperature)
         else:
             with torch.no_grad():
                 teacher_logits = self.teacher(batch["input_ids"], segment_ids=batch.get("segment_ids"))[..., :vocab]
-            divergence = generalized_jsd(logits, teacher_logits, batch["loss_mask"], cfg.beta, cfg.temperature)
+            divergence = generalized_jsd(logits[trained], teacher_logits[trained], mask[trained], cfg.beta,
+                                         cfg.temperature)
         loss = cfg.alpha * ce + (1 - cfg.alpha) * cfg.temperature ** 2 * divergence
         return loss, {"ce": ce.detach(), "divergence": divergence.detach()}
 
