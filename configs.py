@@ -367,6 +367,7 @@ class FineTuneOptions:
     eval_samples: int = option("held-out chats scored for answer accuracy (greedy generation); 0 = off",
                                default=100)
     max_new_tokens: int = option("longest generated answer in the accuracy evaluation", default=64)
+    takes_preset = False  # whether the stage can start from a fresh model of --preset (a class attribute, not a flag)
 
     def read_options(self) -> dict:
         """How the data sets read a source (dataset.load_chats, SFTDataset, PreferenceDataset)."""
@@ -376,13 +377,42 @@ class FineTuneOptions:
         super().validate()
         check_options(self, [("eval_samples", self.eval_samples >= 0, "must be >= 0 (0 = off)"),
                              ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1")])
-        if self.preset != "auto":
+        if self.preset != "auto" and not self.takes_preset:
             raise ValueError(f"--preset {self.preset} does not apply to fine-tuning: the model is the checkpoint's "
                              f"(--init_from)")
 
 
 @dataclass
-class SFTConfig(FineTuneOptions, TrainConfig):
+class ChatDataOptions:
+    """Where the chats come from and how they are trained on (SFT, LoRA, distillation); mixed into their configs."""
+
+    sft_data: str = option("training chats: a .jsonl file (any chat format of dataset.to_messages) or "
+                           "hf:<dataset> (e.g. hf:jingyaogong/minimind_dataset with --hf_data_files "
+                           "sft_mini_512.jsonl); '' = <data_dir>/sft_train.jsonl", default="")
+    sft_val_data: str = option("validation chats, same forms; '' = <data_dir>/sft_val.jsonl; 'none' = no "
+                               "validation", default="")
+    reasoning: bool = option("the reasoning variant of the default chats: each reply is <think> the story's "
+                             "sentence it rests on </think> then the answer ('' above = <data_dir>/"
+                             "sft_reasoning_train.jsonl and sft_reasoning_val.jsonl); the answer accuracy scores "
+                             "the part after </think>", default=False)
+    think_weight: float = option("loss weight of the reasoning format's <think> and </think> tokens (MiniMind uses "
+                                 "10); 1 = like any other token", default=1.0)
+    pack: bool = option("pack several chats into each row (attention stays inside each chat) instead of padding",
+                        default=False)
+    drop_long: bool = option("drop chats longer than seq_len instead of truncating them", default=False)
+
+    def validate(self):  # mixed in before TrainConfig, whose validate() comes first
+        super().validate()
+        check_options(self, [("think_weight", self.think_weight >= 0, "must be >= 0")])
+
+    def chat_file(self, split: str) -> str:
+        """The default file of `split` (train or val) in data_dir: sft_<split>.jsonl, or with --reasoning
+        sft_reasoning_<split>.jsonl."""
+        return f"sft_reasoning_{split}.jsonl" if self.reasoning else f"sft_{split}.jsonl"
+
+
+@dataclass
+class SFTConfig(ChatDataOptions, FineTuneOptions, TrainConfig):
     """Supervised fine-tuning on chats (train_sft.py)."""
 
     batch_size: int = 16
@@ -390,14 +420,6 @@ class SFTConfig(FineTuneOptions, TrainConfig):
     eval_interval: int = 1000
     eval_iters: int = 4
     # Stage options.
-    sft_data: str = option("training chats: a .jsonl file (any chat format of dataset.to_messages) or "
-                           "hf:<dataset> (e.g. hf:jingyaogong/minimind_dataset with --hf_data_files "
-                           "sft_mini_512.jsonl); '' = <data_dir>/sft_train.jsonl", default="")
-    sft_val_data: str = option("validation chats, same forms; '' = <data_dir>/sft_val.jsonl; 'none' = no "
-                               "validation", default="")
-    pack: bool = option("pack several chats into each row (attention stays inside each chat) instead of padding",
-                        default=False)
-    drop_long: bool = option("drop chats longer than seq_len instead of truncating them", default=False)
     show_mask: bool = option("print one tokenised training chat with the trained tokens marked, and exit",
                              default=False)
 
@@ -598,3 +620,41 @@ class PPOConfig(RolloutConfig):
                              ("lam", 0 <= self.lam <= 1, "must be between 0 and 1"),
                              ("cliprange_value", self.cliprange_value > 0, "must be > 0"),
                              ("vf_coef", self.vf_coef >= 0, "must be >= 0")])
+
+
+@dataclass
+class DistillConfig(SFTConfig):
+    """Knowledge distillation (train_distill.py): a student learns from a frozen teacher's next-token distributions
+    as well as from the labels. The student is a fresh model of --preset (and the model flags), or --init_from."""
+
+    max_steps: int = 300  # its own budget, not the device plan's (plan.py plans pretraining, SFT and DPO)
+    eval_interval: int = 100
+    teacher: str = option("the teacher checkpoint (it must have the student's tokenizer); '' = the latest "
+                          "checkpoint/sft", default="")
+    data: str = option("'chats' (the chats of --sft_data; the loss on the assistant tokens) or 'text' (windows of "
+                       "seq_len tokens of --data_dir's train.bin and val.bin; the loss on every token)",
+                       default="chats")
+    alpha: float = option("loss = alpha * CE(labels) + (1 - alpha) * T^2 * D(teacher, student) on the trained "
+                          "tokens; 0 = the teacher only, 1 = the labels only (plain SFT)", default=0.5)
+    temperature: float = option("T: both distributions are softened by T before D; the T^2 factor keeps the "
+                                "gradients' size the same for any T", default=1.0)
+    beta: float = option("D is the generalised Jensen-Shannon divergence of GKD: 0 = forward KL(teacher || "
+                         "student), 1 = reverse KL(student || teacher), between = the JSD of that mixture",
+                         default=0.5)
+    teacher_topk: int = option("compute the teacher's top-K log-probabilities of every trained token once, into a "
+                               "cache on disk beside the data, and then free the teacher; 0 = run the teacher at "
+                               "every step", default=0)
+
+    takes_preset = True  # the student can be a fresh model of --preset (a class attribute, not a flag)
+
+    def validate(self):
+        super().validate()
+        check_options(self, [
+            ("data", self.data in ("chats", "text"), "must be chats or text"),
+            ("alpha", 0 <= self.alpha <= 1, "must be between 0 and 1"),
+            ("temperature", self.temperature > 0, "must be > 0"),
+            ("beta", 0 <= self.beta <= 1, "must be between 0 (forward KL) and 1 (reverse KL)"),
+            ("teacher_topk", self.teacher_topk >= 0, "must be >= 0 (0 = off)")])
+        if self.pack and (self.teacher_topk or self.data == "text"):
+            raise ValueError("--pack is for chats without --teacher_topk (the stored top K are per chat; text "
+                             "windows are full already)")

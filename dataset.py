@@ -4,6 +4,7 @@ Chats and preference pairs are tokenised once into a cache beside their file (to
 batch at a time, so a file of any size trains in the memory of a batch.
 """
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -14,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from fileio import data_file
-from tokencache import TokenRows, cache_dir, is_complete, write_rows
+from tokencache import TokenRows, cache_dir, file_digest, is_complete, write_rows
 from tokenizer import CHAT_ROLES
 
 
@@ -284,14 +285,41 @@ class RowDataset:
     def __len__(self) -> int:
         return len(self.index)
 
+    def identity(self) -> tuple[Path, str]:
+        """(a path that files derived from these rows are named after, a text that changes whenever the rows, their
+        tokens or their order change): the key of the teacher's stored outputs (teachercache.py)."""
+        raise NotImplementedError
+
     def sampler(self, seed: int, rank: int = 0, world: int = 1) -> "RowSampler":
         return RowSampler(len(self), seed, rank, world)
 
-    def eval_batches(self, batch_size: int, n_batches: int, rank: int = 0, world: int = 1):
-        """The first n_batches * batch_size rows, in batches: the same at every call and on every rank."""
+    def eval_indices(self, batch_size: int, n_batches: int) -> list[list[int]]:
+        """The first n_batches * batch_size rows, in batches of indices: the same at every call and on every rank."""
         n = min(len(self), n_batches * batch_size)
-        for start in range(0, n, batch_size):
-            yield self.batch(list(range(start, min(n, start + batch_size))))
+        return [list(range(start, min(n, start + batch_size))) for start in range(0, n, batch_size)]
+
+    def eval_batches(self, batch_size: int, n_batches: int, rank: int = 0, world: int = 1):
+        """The batches of eval_indices."""
+        for indices in self.eval_indices(batch_size, n_batches):
+            yield self.batch(indices)
+
+
+class TextWindows(RowDataset):
+    """The token file of a split cut into consecutive windows of seq_len inputs (and the next token of each as
+    the last label), as rows: every window is visited once an epoch and always starts at the same token, so that
+    what a model predicts in it can be stored (distillation with --teacher_topk). The loss counts every token."""
+
+    def __init__(self, data_dir, split: str, seq_len: int):
+        self.windows = PretrainDataset(data_dir, split, seq_len)
+        self.seq_len, self.path = seq_len, Path(data_dir) / f"{split}.bin"
+        self.index = np.arange((len(self.windows.tokens) - 1) // seq_len)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        batch = self.windows.batch(np.asarray(indices) * self.seq_len)
+        return {**batch, "loss_mask": torch.ones(batch["labels"].shape)}
+
+    def identity(self) -> tuple[Path, str]:
+        return self.path.parent / ".cache" / self.path.name, f"{file_digest(self.path).hex()} seq_len {self.seq_len}"
 
 
 # ----------------------------------------------------------------------------- supervised fine-tuning
@@ -307,14 +335,28 @@ def shift_chat(ids: list[int], mask: list[int], max_len: int) -> tuple[np.ndarra
     return ids[:-1], ids[1:], mask[1:]
 
 
+def token_weights(labels: np.ndarray, mask: np.ndarray, weighted_ids=(), weight: float = 1.0) -> np.ndarray:
+    """The loss weight of each label (float32): 0 where mask is 0, else 1, or `weight` for the ids in
+    weighted_ids (e.g. the reasoning format's <think> and </think>, --think_weight)."""
+    weights = mask.astype(np.float32)
+    if len(weighted_ids) and weight != 1:
+        weights[(mask != 0) & np.isin(labels, weighted_ids)] = weight
+    return weights
+
+
+def empty_chat_batch(rows: int, width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and labels all padding, loss_mask (a float weight per label) all 0, each (rows, width)."""
+    return {"input_ids": torch.full((rows, width), pad_id, dtype=torch.long),
+            "labels": torch.full((rows, width), pad_id, dtype=torch.long),
+            "loss_mask": torch.zeros((rows, width), dtype=torch.float32)}
+
+
 def pad_right(rows, width: int, pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids, labels, loss_mask (len(rows), width) from shift_chat's triples, padded on the right.
 
     Padding comes after the real tokens, so causal attention never lets a real token see it; its loss_mask is 0.
     """
-    batch = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-             "labels": torch.full((len(rows), width), pad_id, dtype=torch.long),
-             "loss_mask": torch.zeros((len(rows), width), dtype=torch.long)}
+    batch = empty_chat_batch(len(rows), width, pad_id)
     for row, example in enumerate(rows):
         for name, values in zip(batch, example):
             batch[name][row, :len(values)] = torch.from_numpy(values)
@@ -363,11 +405,12 @@ def encode_chat(tokenizer, record: dict, where: str) -> list[tuple[list[int], li
 
 class SFTDataset(RowDataset):
     """Chats for supervised fine-tuning (a .jsonl file or hf:<dataset>, through its token cache), batched by
-    padding or by packing."""
+    padding or by packing. The loss mask weighs the reasoning format's <think> and </think> by think_weight."""
 
     def __init__(self, source: str, tokenizer, seq_len: int, drop_long: bool = False, skip_bad_rows: bool = False,
-                 hf_data_files: str = "", hf_split: str = "train"):
+                 hf_data_files: str = "", hf_split: str = "train", think_weight: float = 1.0):
         self.seq_len, self.pad_id = seq_len, tokenizer.pad_id
+        self.think_ids, self.think_weight = np.array(tokenizer.think_ids, dtype=np.int64), think_weight
         self.rows = tokenized(source, tokenizer, "chats", encode_chat, skip_bad_rows, hf_data_files, hf_split)
         lengths, first = self.rows.lengths(), np.asarray(self.rows.first_trained)
         too_long = lengths > seq_len + 1
@@ -380,13 +423,19 @@ class SFTDataset(RowDataset):
         if not len(self.index):
             raise ValueError(f"{source}: no chat has an assistant token within seq_len={seq_len}")
 
+    def identity(self) -> tuple[Path, str]:
+        rows = hashlib.blake2b(self.index.tobytes(), digest_size=16).hexdigest()
+        return self.rows.directory, (f"{self.rows.directory.name} seq_len {self.seq_len} "
+                                     f"think_weight {self.think_weight} rows {rows}")
+
     def summary(self) -> str:
         return (f"{len(self)} chats ({self.n_truncated} truncated to {self.seq_len} tokens, {self.n_dropped} dropped "
                 f"as too long" + (f", {self.n_skipped} malformed rows skipped" if self.n_skipped else "") + ")")
 
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """input_ids, labels and loss_mask of chat i (shift_chat, cut to seq_len)."""
-        return shift_chat(*self.rows.row(int(self.index[i])), self.seq_len)
+        """input_ids, labels and loss_mask of chat i (shift_chat, cut to seq_len), the mask as token_weights."""
+        input_ids, labels, mask = shift_chat(*self.rows.row(int(self.index[i])), self.seq_len)
+        return input_ids, labels, token_weights(labels, mask, self.think_ids, self.think_weight)
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """One chat per row, right-padded: input_ids, labels, loss_mask (B, T).
@@ -405,9 +454,7 @@ class SFTDataset(RowDataset):
         not fit in the last row is left for the next batch (the sampler does not advance past it).
         """
         T = self.seq_len
-        batch = {"input_ids": torch.full((batch_size, T), self.pad_id, dtype=torch.long),
-                 "labels": torch.full((batch_size, T), self.pad_id, dtype=torch.long),
-                 "loss_mask": torch.zeros((batch_size, T), dtype=torch.long),
+        batch = {**empty_chat_batch(batch_size, T, self.pad_id),
                  "segment_ids": torch.zeros((batch_size, T), dtype=torch.long)}
         row, used, segment = 0, 0, 0
         while True:
@@ -426,14 +473,15 @@ class SFTDataset(RowDataset):
 
 
 def format_mask(tokenizer, input_ids, labels, loss_mask) -> str:
-    """A chat as text with the trained-on tokens (the labels where loss_mask is 1) between ⟦ and ⟧."""
+    """A chat as text with the trained-on tokens (the labels where loss_mask is not 0) between ⟦ and ⟧, and
+    ×W after the tokens of weight W != 1."""
     ids = [int(input_ids[0]), *(int(t) for t in labels)]
-    trained = [0, *(int(m) for m in loss_mask)]
+    weights = [0.0, *(float(m) for m in loss_mask)]
     out, start = [], 0
     for i in range(1, len(ids) + 1):
-        if i == len(ids) or trained[i] != trained[start]:  # the end of a run of equally masked tokens
-            text = tokenizer.decode(ids[start:i])
-            out.append(f"⟦{text}⟧" if trained[start] else text)
+        if i == len(ids) or weights[i] != weights[start]:  # the end of a run of equally weighted tokens
+            text, weight = tokenizer.decode(ids[start:i]), weights[start]
+            out.append(text if weight == 0 else f"⟦{text}⟧" + (f"×{weight:g}" if weight != 1 else ""))
             start = i
     return "".join(out)
 

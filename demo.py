@@ -57,6 +57,9 @@ class DemoConfig:
                           "come faster after a one-off compile (tens of seconds on a CPU)", default="auto")
     output_dir: str = option("sessions are saved under OUTPUT_DIR/<timestamp>/", default="demo")
     prompt: str | None = option("answer this one prompt, print the reply and exit", default=None)
+    show_think: bool = option("print the reasoning of a reply in the reasoning format (<think>…</think>, then the "
+                              "answer); else only the answer is printed (the transcript always keeps both)",
+                              default=False)
 
     def __post_init__(self):
         """One-line ValueErrors for settings that cannot work."""
@@ -227,10 +230,13 @@ class Demo:
             ids = ids[-self.budget:]
         return ids, kept
 
-    def generate(self, ids: list[int]) -> tuple[str, int, str, float]:
-        """Stream the reply to stdout; returns (text, tokens, why it stopped, seconds)."""
+    def generate(self, ids: list[int]) -> tuple[str, int, int, str, float]:
+        """Stream the reply to stdout, without its reasoning unless --show_think; returns (text, tokens, tokens of
+        hidden reasoning, why it stopped, seconds)."""
         cfg = self.cfg
         decoder, pieces, n, stop = StreamDecoder(self.tokenizer), [], 0, "max_new_tokens"
+        think_start, think_end = self.tokenizer.think_ids or (None, None)
+        thinking, hidden = False, 0
         t0 = time.perf_counter()
         try:
             for token in self.model.generate_stream(
@@ -242,12 +248,17 @@ class Demo:
                     break
                 n += 1
                 pieces.append(decoder.push(token))
-                print(pieces[-1], end="", flush=True)
+                thinking = (thinking or token == think_start) and not cfg.show_think
+                if thinking:
+                    hidden += 1
+                else:
+                    print(pieces[-1], end="", flush=True)
+                thinking = thinking and token != think_end
         except KeyboardInterrupt:
             stop = "interrupted"
         pieces.append(decoder.flush())
-        print(pieces[-1], flush=True)
-        return "".join(pieces), n, stop, time.perf_counter() - t0
+        print("" if thinking else pieces[-1], flush=True)
+        return "".join(pieces), n, hidden, stop, time.perf_counter() - t0
 
     def turn(self, text: str) -> bool:
         """Answer one message and save the turn; False if Ctrl-C interrupted it (the session then ends)."""
@@ -256,9 +267,10 @@ class Demo:
         if dropped:
             info(f"[the conversation is longer than the context: the oldest {dropped} turn(s) are left out]")
         self.transcript.write(f"**{'user' if self.mode == 'chat' else 'prompt'}:** {text}\n\n")
-        reply, n, stop, seconds = self.generate(ids)
+        reply, n, hidden, stop, seconds = self.generate(ids)
         speed = n / seconds if seconds > 0 else 0.0
-        info(f"[{n} tokens, {speed:.1f} tokens/s{', interrupted' if stop == 'interrupted' else ''}]")
+        thought = f" ({hidden} of reasoning, not shown: --show_think shows it)" if hidden else ""
+        info(f"[{n} tokens{thought}, {speed:.1f} tokens/s{', interrupted' if stop == 'interrupted' else ''}]")
         self.n_turns += 1
         self.transcript.write(f"**{'assistant' if self.mode == 'chat' else 'continuation'}:** {reply}\n\n"
                               f"*{n} tokens, {speed:.1f} tokens/s, stopped by {stop}*\n\n")

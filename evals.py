@@ -27,6 +27,7 @@ from configs import option
 from dataset import DataError, PretrainDataset, first_question, load_chats, read_jsonl, where_prefix
 from prepare import iter_documents
 from storyworld import FACTS
+from tokenizer import split_think
 
 CJK = re.compile(r"[\u3400-\u9fff]")
 FINAL_PUNCTUATION = ".!?,;:。！？，；：…\"'“”‘’ "
@@ -91,7 +92,9 @@ def greedy_text_continuations(model, tokenizer, prompts: list[str], max_new_toke
 def score_answers(replies: list[str], answers: list[str], groups: dict[str, list[str]] | None = None) -> dict:
     """acc: exact match up to whitespace, case and final punctuation (answer_matches); contains: the normalised
     answer appears in the normalised reply; n. For each grouping (e.g. {"lang": ["en", "zh", ...]}) also
-    acc_<group> per value."""
+    acc_<group> per value. In the reasoning format (`<think>…</think>answer`) only the part after </think> is
+    scored, of the reply and of the expected answer alike, so a reply that never closes its <think> is wrong."""
+    replies, answers = [split_think(r)[1] for r in replies], [split_think(a)[1] for a in answers]
     exact = [answer_matches(r, a) for r, a in zip(replies, answers)]
     contains = [normalise_answer(a) in normalise_answer(r) for r, a in zip(replies, answers)]
     results = {"acc": _mean(exact), "contains": _mean(contains), "n": len(exact)}
@@ -110,15 +113,15 @@ def answer_accuracy(model, tokenizer, records: list[list[dict]], max_new_tokens:
     """Exact-match accuracy of greedy answers to the first question of each held-out chat.
 
     records are message lists (e.g. from sft_val.jsonl). A reply matches if it equals the expected answer up to
-    whitespace, case and final punctuation (answer_matches). Also split by the answer's language
-    (Chinese if it contains CJK characters); a language without samples gives nan.
+    whitespace, case and final punctuation, after </think> in the reasoning format (score_answers). Also split by
+    the answer's language (Chinese if it contains CJK characters); a language without samples gives nan.
     """
     was_training = model.training
     model.eval()
     prompts, expected = zip(*(first_question(m) for m in records))
     replies = greedy_replies(model, tokenizer, list(prompts), max_new_tokens)
     model.train(was_training)
-    scores = score_answers(replies, list(expected), {"lang": [language(a) for a in expected]})
+    scores = score_answers(replies, list(expected), {"lang": [language(split_think(a)[1]) for a in expected]})
     return {"answer_acc": scores["acc"], "answer_acc_en": scores.get("acc_en", float("nan")),
             "answer_acc_zh": scores.get("acc_zh", float("nan"))}
 
@@ -148,7 +151,7 @@ def storyworld_accuracy(model, tokenizer, chats: list[list[dict]], max_new_token
     prompts, expected = zip(*(first_question(m) for m in chats))
     replies = greedy_replies(model, tokenizer, list(prompts), max_new_tokens, batch_size, progress)
     questions = [p[-1]["content"] for p in prompts]
-    groups = {"lang": [language(a) for a in expected], "type": [question_type(q) for q in questions]}
+    groups = {"lang": [language(split_think(a)[1]) for a in expected], "type": [question_type(q) for q in questions]}
     samples = [{"question": q, "expected": a, "reply": r} for q, a, r in zip(questions, expected, replies)]
     return score_answers(replies, list(expected), groups), samples
 

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import hf
 import lora
 from configs import option, parse_args
-from model import GPT
-from tokenizer import Tokenizer
 
 
 @dataclass
@@ -28,15 +26,6 @@ class ExportConfig:
     dtype: str = option("weights as float32 (exact), bfloat16 or float16", default="float32")
 
 
-def load_for_export(path):
-    """(model, tokenizer) as saved: adapters folded into their base, nothing added to a tokenizer."""
-    directory = hf.resolve(path)
-    if lora.is_adapter_dir(directory):
-        model, tokenizer = lora.load_lora_checkpoint(directory)
-        return lora.merge_and_unload(model), tokenizer
-    return GPT.from_pretrained(directory), Tokenizer.from_pretrained(directory)
-
-
 def main(argv: list[str] | None = None):
     cfg = parse_args(ExportConfig, argv, description=__doc__)
     try:
@@ -44,7 +33,7 @@ def main(argv: list[str] | None = None):
             raise ValueError("give --checkpoint DIR and --out DIR")
         if cfg.dtype not in hf.DTYPES:
             raise ValueError(f"--dtype must be one of {', '.join(hf.DTYPES)}, got {cfg.dtype!r}")
-        model, tokenizer = load_for_export(cfg.checkpoint)
+        model, tokenizer = lora.load_merged(hf.resolve(cfg.checkpoint))  # as saved: nothing added to its tokenizer
         out = hf.export(model, tokenizer, cfg.out, cfg.dtype)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         sys.exit(f"error: {e}")

@@ -1,13 +1,17 @@
-"""Training losses: the language-model loss, the preference losses (DPO, the reward model's), and the
-reinforcement-learning losses with their advantage estimators (GRPO, PPO with GAE).
+"""Training losses: the language-model loss, the distillation divergence (generalised JSD), the preference losses
+(DPO, the reward model's), and the reinforcement-learning losses with their advantage estimators (GRPO, PPO with
+GAE).
 
 The language-model and DPO losses take the log-softmax of the logits in float32 (with bf16/fp16 logits the
 log-sum-exp over the vocabulary loses precision). That float32 copy is the largest tensor of a step at a large
 vocabulary (16 x 1024 positions x 50k tokens = 3.3 GB, and as much again for its log-softmax and its gradient), so
 when the logits are larger than LOGITS_CHUNK values it is made one chunk of positions at a time, each chunk
 recomputed in the backward pass (activation checkpointing): the float32 tensors then never exist for the whole
-sequence. GRPO and PPO take the logits of the completion tokens only (GPT.forward's logits_to_keep), in one piece.
+sequence. GRPO and PPO take the logits of the completion tokens only (GPT.forward's logits_to_keep), and
+distillation those of the trained tokens only, in one piece.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -34,24 +38,24 @@ def chunk_sum(fn, logits: torch.Tensor, *aligned: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+def _weighted_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="none")  # 0 where ignored
+    return (losses * weights.reshape(-1)).sum()
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token cross entropy, averaged over the tokens that count.
 
     logits (B, T, V) and targets (B, T) are already aligned: targets[:, t] is the token after position t
-    (the dataset shifts once, the loss never shifts again). loss_mask (B, T) is 1 where the target is
-    trained on; targets equal to IGNORE_INDEX never count either.
+    (the dataset shifts once, the loss never shifts again). loss_mask (B, T) is 0 where the target is not
+    trained on and otherwise the token's weight, 1 for a plain token: the loss is sum(weight * CE) / (number of
+    trained tokens), so weights of 1 give the plain mean and a weight W > 1 adds W - 1 times more of that
+    token's loss, as MiniMind weights its reasoning tags. Targets equal to IGNORE_INDEX never count either.
     """
-    if loss_mask is not None:
-        targets = targets.masked_fill(loss_mask == 0, IGNORE_INDEX)
-    if logits.numel() <= LOGITS_CHUNK:  # one piece: the mean directly
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
-    return chunk_sum(_cross_entropy_sum, logits, targets) / (targets != IGNORE_INDEX).sum()
+    weights = (targets != IGNORE_INDEX).float() if loss_mask is None else loss_mask.float()
+    targets = targets.masked_fill(weights == 0, IGNORE_INDEX)
+    return chunk_sum(_weighted_cross_entropy_sum, logits, targets, weights) / (targets != IGNORE_INDEX).sum()
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -74,12 +78,78 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of x where mask is 1 (over dim, or over everything); 0 where nothing is unmasked."""
+    """Mean of x over the positions where mask (its shape) is not 0, over dim or over everything; 0 where there
+    are none. A masked position counts as nothing, whatever x holds there (NaN and inf too)."""
+    keep = mask != 0
+    x = x.masked_fill(~keep, 0)
     if dim is None:
-        return (x * mask).sum() / mask.sum().clamp(min=1)
-    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+        return x.sum() / keep.sum().clamp(min=1)
+    return x.sum(dim) / keep.sum(dim).clamp(min=1)
 
 
+# ----------------------------------------------------------------------------- distillation
+def token_jsd(student_logps: torch.Tensor, teacher_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """The generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1) at each position (...,).
+
+    student_logps and teacher_logps are log-probabilities over the last dimension. With the mixture
+    M = beta * teacher + (1 - beta) * student:  JSD_beta = beta * KL(teacher || M) + (1 - beta) * KL(student || M).
+    JSD_beta vanishes at beta 0 and 1, so there (as in GKD and trl) beta = 0 means the forward KL(teacher ||
+    student) and beta = 1 the reverse KL(student || teacher). The mixture is formed in log space (logsumexp),
+    so that tiny probabilities do not underflow.
+    """
+    def kl(p_logps, q_logps):  # KL(p || q) = sum_v p_v (log p_v - log q_v)
+        return (p_logps.exp() * (p_logps - q_logps)).sum(-1)
+
+    if beta == 0:
+        return kl(teacher_logps, student_logps)
+    if beta == 1:
+        return kl(student_logps, teacher_logps)
+    mixture_logps = torch.logsumexp(torch.stack([teacher_logps + math.log(beta),
+                                                 student_logps + math.log(1 - beta)]), dim=0)
+    return beta * kl(teacher_logps, mixture_logps) + (1 - beta) * kl(student_logps, mixture_logps)
+
+
+def check_beta(beta: float) -> None:
+    if not 0 <= beta <= 1:
+        raise ValueError(f"the divergence's beta must be in [0, 1] (0 forward KL, 1 reverse KL), not {beta}")
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, loss_mask: torch.Tensor,
+                    beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """Generalised JSD (token_jsd) between the student's and the teacher's next-token distributions at
+    `temperature`, averaged over the positions where loss_mask is not 0. Logits (B, T, V) with loss_mask (B, T),
+    or any other leading shape, e.g. (N, V) with (N,) for the trained positions alone.
+
+    Equals trl's GKDTrainer.generalized_jsd_loss with labels -100 where the mask is 0 (reduction "batchmean").
+    """
+    check_beta(beta)
+    student_logps = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher_logps = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return masked_mean(token_jsd(student_logps, teacher_logps, beta), loss_mask)
+
+
+def topk_logps(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Log-probabilities (..., K + 1) at `temperature` of the K tokens `ids` (..., K) and, last, of all other
+    tokens together: the distribution seen through a teacher's top K (a distribution over K + 1 outcomes)."""
+    logps = F.log_softmax(logits.float() / temperature, dim=-1).gather(-1, ids)
+    # log(1 - sum of the K probabilities), kept above 0 so that a teacher-sure token does not give log 0.
+    rest = (-torch.expm1(torch.logsumexp(logps, -1, keepdim=True))).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.cat([logps, rest.log()], dim=-1)
+
+
+def topk_jsd(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logps: torch.Tensor,
+             loss_mask: torch.Tensor, beta: float = 0.5, temperature: float = 1.0) -> torch.Tensor:
+    """generalized_jsd against a teacher stored as its top K: teacher_ids (..., K) and teacher_logps (..., K + 1)
+    from topk_logps of the teacher. Both distributions are compared over the same K + 1 outcomes
+    (the K tokens and 'any other'), which is exact for that coarser view and equals generalized_jsd when K
+    covers the vocabulary."""
+    check_beta(beta)
+    teacher_logps = teacher_logps.float().log_softmax(-1)  # stored in float16: sum to 1 again
+    return masked_mean(token_jsd(topk_logps(student_logits, teacher_ids, temperature), teacher_logps, beta),
+                       loss_mask)
+
+
+# ----------------------------------------------------------------------------- preferences
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 

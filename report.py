@@ -3,8 +3,8 @@
     python report.py                                   # checkpoint/* -> report.md
     python report.py --root runs/exp1 --out runs/exp1/report.md --eval_samples 200
 
-Per stage (pretrain, sft, lora, dpo, reward, grpo, ppo, then any other): the command line, the settings, wall
-time, tokens seen, tokens/s and MFU (medians of the logged intervals), peak memory, the final train and validation
+Per stage (pretrain, sft, lora, dpo, reward, grpo, ppo, distill, then any other): the command line, the settings,
+wall time, tokens seen, tokens/s and MFU (medians of the logged intervals), peak memory, the final train and validation
 metrics and the training curves (curves.png, drawn if missing). Then one evaluation table over the stages (eval.py's
 perplexity on the data's validation tokens and StoryWorld answer accuracy on held-out chats; a reward model, which
 scores replies rather than writing them, is left out) and a few sample answers of each chat stage to the same
@@ -27,7 +27,7 @@ from evals import TaskOptions, evaluate_task
 from plots import read_metrics, write_curves
 from pretrained import load_checkpoint
 
-STAGE_ORDER = ("pretrain", "sft", "lora", "dpo", "reward", "grpo", "ppo")
+STAGE_ORDER = ("pretrain", "sft", "lora", "dpo", "reward", "grpo", "ppo", "distill")
 
 
 @dataclass

@@ -7,9 +7,9 @@ Three sources of vocabularies:
     tiktoken downloads once into its cache.
   * `HFTokenizer`: a pretrained model's byte-level BPE (a Hugging Face tokenizer.json), with the
     same ids as transformers, and the model's own chat template (rendered with jinja2).
-Our own have the 4 special tokens below, and `save_pretrained`/`from_pretrained` store them as
-`tokenizer.tiktoken` + `tokenizer_config.json`; an HFTokenizer is stored as the Hugging Face files.
-`save_hf` writes either in the Hugging Face format (export.py).
+Our own have the special tokens below (those made before the reasoning format lack its two, <think> and
+</think>), and `save_pretrained`/`from_pretrained` store them as `tokenizer.tiktoken` + `tokenizer_config.json`;
+an HFTokenizer is stored as the Hugging Face files. `save_hf` writes either in the Hugging Face format (export.py).
 """
 
 from __future__ import annotations
@@ -40,7 +40,10 @@ EOT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 PAD = "<|pad|>"
-SPECIAL_TOKENS = [EOT, IM_START, IM_END, PAD]
+CHAT_TOKENS = [EOT, IM_START, IM_END, PAD]  # every tokenizer has these
+# The reasoning format: an assistant reply `<think>` + reasoning + `</think>` + the answer (R1 style).
+THINK_START, THINK_END = "<think>", "</think>"
+SPECIAL_TOKENS = [*CHAT_TOKENS, THINK_START, THINK_END]  # what a new tokenizer gets
 CHAT_ROLES = ("system", "user", "assistant")
 
 # GPT-4's cl100k split pattern with three changes, which make a name the same token(s) wherever it stands, so
@@ -115,7 +118,7 @@ class Tokenizer:
 
     def __init__(self, name: str, pat_str: str, mergeable_ranks: dict[bytes, int],
                  special_tokens: dict[str, int]):
-        missing = [t for t in SPECIAL_TOKENS if t not in special_tokens]
+        missing = [t for t in CHAT_TOKENS if t not in special_tokens]
         if missing:
             raise ValueError(f"special tokens missing: {missing}")
         ids = [*mergeable_ranks.values(), *special_tokens.values()]
@@ -274,6 +277,12 @@ class Tokenizer:
             return self.enc.encode(text, allowed_special="all")
         return self.enc.encode_ordinary(text)
 
+    def encode_reply(self, text: str) -> list[int]:
+        """Token ids of an assistant's reply: as `encode`, except that the reasoning format's
+        <think> and </think> are its special tokens."""
+        reasoning = {THINK_START, THINK_END} & self.special_ids.keys()
+        return self.enc.encode(text, allowed_special=reasoning, disallowed_special=())
+
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         """`encode` (no specials) of many texts, on tiktoken's thread pool."""
         return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
@@ -295,7 +304,8 @@ class Tokenizer:
         Pieces are encoded separately (never across a boundary), so a conversation and
         its prefixes tokenise the same at training and inference time. The mask, if asked
         for, is 1 on each assistant content and its `<|im_end|>`: what the model must learn
-        to write, including when to stop.
+        to write, including when to stop. In an assistant's content `<think>` and `</think>`
+        are the special tokens (if the tokenizer has them); every other text is plain text.
         """
         ids: list[int] = []
         mask: list[int] = []
@@ -304,7 +314,8 @@ class Tokenizer:
             if role not in CHAT_ROLES:
                 raise ValueError(f"unknown chat role {role!r}; expected one of {CHAT_ROLES}")
             head = [self.im_start_id, *self.encode(role + "\n")]
-            body = [*self.encode(message["content"]), self.im_end_id]
+            content = message["content"]
+            body = [*(self.encode_reply(content) if role == "assistant" else self.encode(content)), self.im_end_id]
             tail = self.encode("\n")
             ids += head + body + tail
             mask += [0] * len(head) + [int(role == "assistant")] * len(body) + [0] * len(tail)
@@ -340,9 +351,24 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.special_ids[PAD]
 
+    @property
+    def think_ids(self) -> tuple[int, ...]:
+        """The ids of <think> and </think>; () for a tokenizer made before the reasoning format."""
+        return tuple(self.special_ids[t] for t in (THINK_START, THINK_END) if t in self.special_ids)
+
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
+
+def split_think(reply: str) -> tuple[str, str]:
+    """(reasoning, answer) of a reply in the reasoning format `<think>…</think>answer`; ("", reply) for a plain
+    reply. A reply that opens <think> and never closes it has no answer yet: (the rest, "")."""
+    if THINK_END in reply:
+        think, answer = reply.rsplit(THINK_END, 1)
+        return think.replace(THINK_START, "", 1).strip(), answer.strip()
+    if reply.lstrip().startswith(THINK_START):
+        return reply.lstrip()[len(THINK_START):].strip(), ""
+    return "", reply
 
 
 def _merge_of(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes]:

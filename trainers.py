@@ -40,18 +40,29 @@ from checkpoint import (
     save_checkpoint,
 )
 from configs import SFTConfig, TrainConfig, exit_on_bad_input, get_config
-from dataset import PreferenceDataset, PretrainDataset, SFTDataset, format_mask, load_chats, shift_chat
+from dataset import (
+    PreferenceDataset,
+    PretrainDataset,
+    SFTDataset,
+    TextWindows,
+    format_mask,
+    load_chats,
+    shift_chat,
+    token_weights,
+)
 from devices import EagerFallback, autocast, peak_memory, pick_compile, pick_device, pick_dtype
 from evals import answer_accuracy
 from fileio import data_file, writable_dir
 from flops import mfu
 from hf import resolve
-from loss import DPOLoss, lm_loss, sequence_logps
+from loss import DPOLoss, generalized_jsd, lm_loss, sequence_logps, topk_jsd
 from model import GPT
 from moe import collect_moe_stats
 from plan import plan_for
 from prepare import data_path
 from pretrained import load_pretrained
+from teachercache import TeacherTopK, store_dir, write_store
+from tokencache import is_complete
 from tokenizer import Tokenizer
 
 
@@ -245,7 +256,11 @@ class Trainer:
                                  f"ids as other text. Prepare the data with the checkpoint's tokenizer (python "
                                  f"prepare.py --tokenizer {source} ...) or start a fresh run")
             return model, tokenizer
-        tokenizer = data_tokenizer
+        return self.new_model(data_tokenizer), data_tokenizer
+
+    def new_model(self, tokenizer: Tokenizer) -> GPT:
+        """A fresh model of --preset ('auto': tiny on a CPU, else minimind2-small) and the model flags, shaped for
+        the tokenizer."""
         preset = self.cfg.preset
         if preset == "auto":
             preset = self.plan.preset
@@ -254,7 +269,7 @@ class Trainer:
             raise ValueError(f"model vocab_size {config.vocab_size} < tokenizer's {tokenizer.vocab_size}")
         model = GPT(config)
         self.log(f"new {preset} model ({model.describe_size()})")
-        return model, tokenizer
+        return model
 
     def start_dir(self, stages: tuple[str, ...]) -> Path:
         """The checkpoint a fine-tuning stage starts from (find_init_dir), saying which it took."""
@@ -620,10 +635,10 @@ def find_init_dir(init_from: str, stages: tuple[str, ...]) -> Path:
                             f"`python train_{stages[-1]}.py` first, or pass --init_from DIR")
 
 
-def load_answer_chats(cfg, given: str, log) -> list[list[dict]]:
-    """The first eval_samples held-out chats of a --sft_val_data style flag ('' = <data_dir>/sft_val.jsonl), whose
+def load_answer_chats(cfg, given: str, log, name: str = "sft_val.jsonl") -> list[list[dict]]:
+    """The first eval_samples held-out chats of a --sft_val_data style flag ('' = <data_dir>/<name>), whose
     first answers evaluate a chat stage; none with eval_samples 0."""
-    source = chat_source(cfg, "sft_val.jsonl", given) if cfg.eval_samples > 0 else None
+    source = chat_source(cfg, name, given) if cfg.eval_samples > 0 else None
     if source is None:
         return []
     chats, skipped = load_chats(source, limit=cfg.eval_samples, **cfg.read_options())
@@ -664,22 +679,30 @@ class SFTTrainer(Trainer):
         return self.load_pretrained(self.init_source)
 
     def build_data(self):
+        self.build_chat_data()
+        self.sampler = self.train_data.sampler(self.cfg.seed, self.rank, self.world)
+
+    def build_chat_data(self):
+        """train_data and val_data (None with --sft_val_data none) from the chat options, and answer_chats."""
         cfg = self.cfg
-        train_source = chat_source(cfg, "sft_train.jsonl", cfg.sft_data)
+        if (cfg.reasoning or cfg.think_weight != 1) and not self.tokenizer.think_ids:
+            raise ValueError(f"the tokenizer of {self.init_source or cfg.data_dir} has no <think> and </think> "
+                             f"tokens (it predates the reasoning format): prepare the data again "
+                             f"(python prepare.py) and pretrain on it")
+        train_source = chat_source(cfg, cfg.chat_file("train"), cfg.sft_data)
         if train_source is None:
             raise ValueError("--sft_data none: there must be training chats")
-        val_source = chat_source(cfg, "sft_val.jsonl", cfg.sft_val_data)
+        val_source = chat_source(cfg, cfg.chat_file("val"), cfg.sft_val_data)
         check_files(train_source, val_source)
+        options = {**cfg.read_options(), "think_weight": cfg.think_weight}
         with self.rank_zero_first():  # rank 0 tokenises into the cache, the others then read it
-            self.train_data = SFTDataset(train_source, self.tokenizer, self.seq_len, cfg.drop_long,
-                                         **cfg.read_options())
+            self.train_data = SFTDataset(train_source, self.tokenizer, self.seq_len, cfg.drop_long, **options)
         self.log(f"{train_source}: {self.train_data.summary()}")
-        self.sampler = self.train_data.sampler(cfg.seed, self.rank, self.world)
         self.val_data = None
         if val_source:
             with self.rank_zero_first():
-                self.val_data = SFTDataset(val_source, self.tokenizer, self.seq_len, **cfg.read_options())
-        self.answer_chats = load_answer_chats(cfg, cfg.sft_val_data, self.log)
+                self.val_data = SFTDataset(val_source, self.tokenizer, self.seq_len, **options)
+        self.answer_chats = load_answer_chats(cfg, cfg.sft_val_data, self.log, cfg.chat_file("val"))
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         if self.cfg.pack:
@@ -698,7 +721,7 @@ class SFTTrainer(Trainer):
     @classmethod
     def show_mask(cls, cfg: SFTConfig) -> str:
         """The first training chat as the trainer sees it, the trained-on tokens between ⟦ ⟧ (--show_mask)."""
-        source = chat_source(cfg, "sft_train.jsonl", cfg.sft_data)
+        source = chat_source(cfg, cfg.chat_file("train"), cfg.sft_data)
         if source is None:
             raise ValueError("--sft_data none: there is no training chat to show")
         try:  # the tokenizer of the checkpoint to fine-tune, else (before pretraining) the data's
@@ -709,9 +732,10 @@ class SFTTrainer(Trainer):
         if not chats:
             raise ValueError(f"{source}: no chats")
         ids, mask = tokenizer.apply_chat_template(chats[0], return_assistant_mask=True)
-        example = shift_chat(ids, mask, cfg.seq_len or len(ids))
-        return (f"{source}, first chat: {len(ids)} tokens, {int(example[2].sum())} trained on (between ⟦ ⟧):\n\n"
-                + format_mask(tokenizer, *example))
+        input_ids, labels, mask = shift_chat(ids, mask, cfg.seq_len or len(ids))
+        weights = token_weights(labels, mask, tokenizer.think_ids, cfg.think_weight)
+        return (f"{source}, first chat: {len(ids)} tokens, {int(mask.sum())} trained on (between ⟦ ⟧):\n\n"
+                + format_mask(tokenizer, input_ids, labels, weights))
 
 
 
@@ -804,8 +828,7 @@ class PolicyTrainer(LoRAMixin, Trainer):
         """A full checkpoint, or an adapter checkpoint (checkpoint/lora) with its adapters folded into its base."""
         if not lora.is_adapter_dir(directory):
             return self.load_pretrained(directory)
-        model, tokenizer = lora.load_lora_checkpoint(directory)
-        lora.merge_and_unload(model)
+        model, tokenizer = lora.load_merged(directory)
         if self.model_overrides:  # e.g. --dropout: rebuild with the overrides, keep the merged weights
             merged = model.state_dict()
             model = GPT(dataclasses.replace(model.config, **self.model_overrides))
@@ -914,3 +937,117 @@ class DPOTrainer(PolicyTrainer):
                       "rewards/accuracy": (chosen_rewards > rejected_rewards).float().mean(),
                       "rewards/margin": (chosen_rewards - rejected_rewards).mean(),
                       "logps/chosen": chosen_logps.detach().mean(), "logps/rejected": rejected_logps.detach().mean()}
+
+
+class DistillTrainer(SFTTrainer):
+    """Knowledge distillation: a student learns from a frozen teacher's next-token distributions as well as from the
+    labels, on chats (the assistant tokens, as in SFT) or on pretraining text (every token of fixed windows).
+
+    loss = alpha * CE(labels) + (1 - alpha) * T² * D(teacher, student), with D the generalised JSD at temperature T
+    (loss.generalized_jsd) over the trained tokens. The teacher runs at every step without gradients, in the
+    student's precision; or, with --teacher_topk K, once over all the data into a store on disk (teachercache.py),
+    after which it is freed. The student is a fresh model of the preset or --init_from; it must have the teacher's
+    tokenizer, as D compares the two distributions token id by token id.
+    """
+
+    stage = "distill"
+    init_stages = ("sft",)  # --show_mask: the tokenizer of the latest checkpoint/sft, the default teacher
+
+    def build_model(self) -> tuple[GPT, Tokenizer]:
+        """The student, and the teacher (frozen, on the device): when resuming, the student of out_dir and the
+        teacher that run.json names, whatever the flags say now."""
+        cfg = self.cfg
+        info = load_run_info(self.out_dir) if cfg.resume else {"init_from": cfg.init_from}
+        self.teacher_dir = info.get("teacher") or str(find_init_dir(cfg.teacher, ("sft",)))
+        self.teacher, tokenizer = lora.load_merged(self.teacher_dir)
+        self.teacher.to(self.device).eval().requires_grad_(False)
+        self.log(f"teacher {self.teacher_dir} ({self.teacher.describe_size()})")
+        self.init_source = info["init_from"]
+        student_dir = self.out_dir if cfg.resume else cfg.init_from
+        if not student_dir:
+            return self.new_model(tokenizer), tokenizer
+        student, student_tokenizer = self.load_pretrained(student_dir)
+        self.check_tokenizer(student_tokenizer, tokenizer, f"the student {student_dir}")
+        return student, tokenizer
+
+    def check_tokenizer(self, tokenizer: Tokenizer, teacher_tokenizer: Tokenizer, whose: str):
+        if tokenizer.fingerprint() != teacher_tokenizer.fingerprint():
+            raise ValueError(f"{whose} has another tokenizer than the teacher {self.teacher_dir}: distillation "
+                             f"compares their next-token distributions token id by token id, so they must share one")
+
+    def build_data(self):
+        """Chats or text windows, and with --teacher_topk the teacher's stores of both splits (then the teacher
+        is freed)."""
+        cfg = self.cfg
+        if self.seq_len > self.teacher.config.max_seq_len:
+            raise ValueError(f"--seq_len {self.seq_len} is longer than the teacher's context (max_seq_len "
+                             f"{self.teacher.config.max_seq_len})")
+        if cfg.data == "chats":
+            self.build_chat_data()
+        else:
+            data_dir = data_path(cfg.data_dir)
+            self.check_tokenizer(Tokenizer.from_pretrained(data_dir), self.tokenizer, f"the data {data_dir}")
+            self.train_data, self.val_data = (TextWindows(data_dir, split, self.seq_len) for split in ("train", "val"))
+            self.log(f"{data_dir}: {len(self.train_data)} train and {len(self.val_data)} val windows of "
+                     f"{self.seq_len} tokens")
+        self.sampler = self.train_data.sampler(cfg.seed, self.rank, self.world)
+        self.stored: dict[str, TeacherTopK] = {}
+        if cfg.teacher_topk:
+            for split, data in (("train", self.train_data), ("val", self.val_data)):
+                if data is not None:
+                    self.stored[split] = self.teacher_store(data)
+            self.teacher = None  # all it has to say is on disk now
+
+    def teacher_store(self, data) -> TeacherTopK:
+        """The teacher's top-K store of `data`, written first if there is none yet (by rank 0)."""
+        cfg = self.cfg
+        directory = store_dir(data, self.teacher, cfg.teacher_topk, cfg.temperature, self.dtype)
+        with self.rank_zero_first():
+            if not is_complete(directory):
+                write_store(directory, data, self.teacher_logits, cfg.teacher_topk, cfg.temperature,
+                            self.tokenizer.vocab_size, cfg.batch_size, self.log)
+        return TeacherTopK(directory)
+
+    @torch.no_grad()
+    def teacher_logits(self, batch) -> torch.Tensor:
+        batch = self.to_device(batch)
+        with self.autocast():
+            return self.teacher(batch["input_ids"], segment_ids=batch.get("segment_ids"))
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self.cfg.pack:  # (never with --teacher_topk)
+            return super().next_batch()
+        return self.batch_of("train", self.sampler.next(self.cfg.batch_size))
+
+    def eval_batches(self, split: str):
+        data = {"train": self.train_data, "val": self.val_data}[split]
+        if data is not None:
+            for indices in data.eval_indices(self.cfg.batch_size, self.cfg.eval_iters):
+                yield self.batch_of(split, indices)
+
+    def batch_of(self, split: str, indices) -> dict[str, torch.Tensor]:
+        """Rows `indices` of a split, with the teacher's stored top K if there is a store."""
+        batch = {"train": self.train_data, "val": self.val_data}[split].batch(indices)
+        if split in self.stored:
+            batch.update(self.stored[split].batch(indices, batch["loss_mask"]))
+        return self.to_device(batch)
+
+    def compute_loss(self, model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, vocab = self.cfg, self.tokenizer.vocab_size
+        logits = model(batch["input_ids"], segment_ids=batch.get("segment_ids"))[..., :vocab]
+        mask = batch["loss_mask"]
+        ce = lm_loss(logits, batch["labels"], mask)
+        trained = mask != 0  # the divergence at these positions only (a chat's few): its softmaxes are not cheap
+        if "teacher_ids" in batch:
+            divergence = topk_jsd(logits[trained], batch["teacher_ids"][trained], batch["teacher_logps"][trained],
+                                  mask[trained], cfg.beta, cfg.temperature)
+        else:
+            with torch.no_grad():
+                teacher_logits = self.teacher(batch["input_ids"], segment_ids=batch.get("segment_ids"))[..., :vocab]
+            divergence = generalized_jsd(logits[trained], teacher_logits[trained], mask[trained], cfg.beta,
+                                         cfg.temperature)
+        loss = cfg.alpha * ce + (1 - cfg.alpha) * cfg.temperature ** 2 * divergence
+        return loss, {"ce": ce.detach(), "divergence": divergence.detach()}
+
+    def run_info(self) -> dict:
+        return {**super().run_info(), "teacher": self.teacher_dir}

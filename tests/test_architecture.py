@@ -4,7 +4,8 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINING_SCRIPTS = {"train_pretrain", "train_sft", "train_lora", "train_dpo", "train_reward", "train_grpo", "train_ppo"}
+TRAINING_SCRIPTS = {"train_pretrain", "train_sft", "train_lora", "train_dpo", "train_distill", "train_reward",
+                    "train_grpo", "train_ppo"}
 STAGES = {"trainers", "rl"}  # the loop and its stages: only they and the training scripts import the loop
 ENTRY_POINTS = TRAINING_SCRIPTS | {"demo", "bench", "serve", "bench_serve", "export", "eval", "plot", "report"}
 

@@ -137,6 +137,24 @@ def test_ctrl_c_during_a_reply_keeps_what_was_said(tmp_path, tokenizer):
     assert "**user:** hello" in transcript and record["reply"] in transcript
 
 
+@pytest.mark.parametrize("show_think", [False, True])
+def test_the_reasoning_is_shown_only_with_show_think(tmp_path, tokenizer, capsys, show_think):
+    ckpt = make_checkpoint(tmp_path / "sft", tokenizer, "sft")
+    cfg = demo.DemoConfig(checkpoint=str(ckpt), prompt="Who has a kite?", output_dir=str(tmp_path / "out"),
+                          show_think=show_think)
+    session = demo.Demo(cfg)
+    reply = "<think>Tom has a kite.</think>Tom has a kite."
+    tokens = [*tokenizer.encode_reply(reply), tokenizer.im_end_id]
+    session.model.generate_stream = lambda *args, **kwargs: (torch.tensor([t]) for t in tokens)
+    session.run()
+    out, err = capsys.readouterr()
+    (record,), transcript = read_session(tmp_path / "out")
+    assert record["reply"] == reply and reply in transcript  # the transcript keeps all of it
+    n_think = len(tokenizer.encode_reply("<think>Tom has a kite.</think>"))
+    assert out == (f"{reply}\n" if show_think else "Tom has a kite.\n")
+    assert (f"({n_think} of reasoning, not shown" in err) != show_think
+
+
 def test_sessions_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(demo.time, "strftime", lambda fmt: "20250101-120000")
     dirs = [demo.new_session_dir(tmp_path) for _ in range(3)]
