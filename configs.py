@@ -38,12 +38,15 @@ def check_options(cfg, rules: list[tuple[str, bool, str]]) -> None:
 
 
 def device_rules(cfg) -> list[tuple[str, bool, str]]:
-    """The rules of the device, dtype and compile options that training, the demo and the benchmark share.
-    Whether the device exists on this machine is checked when it is picked (devices.pick_device)."""
-    return [("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None,
-             "must be auto, cpu, mps, cuda or cuda:N"),
-            ("dtype", cfg.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}"),
-            ("compile", cfg.compile in ("auto", "true", "false"), "must be auto, true or false")]
+    """The rules of the device and dtype options (and compile, where a config has it) that training, the demo,
+    the server, the evaluations and the benchmark share. Whether the device exists on this machine is checked
+    when it is picked (devices.pick_device)."""
+    rules = [("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None,
+              "must be auto, cpu, mps, cuda or cuda:N"),
+             ("dtype", cfg.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}")]
+    if hasattr(cfg, "compile"):
+        rules.append(("compile", cfg.compile in ("auto", "true", "false"), "must be auto, true or false"))
+    return rules
 
 
 @dataclass

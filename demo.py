@@ -231,11 +231,12 @@ class Demo:
         return ids, kept
 
     def generate(self, ids: list[int]) -> tuple[str, int, int, str, float]:
-        """Stream the reply to stdout, without its reasoning unless --show_think; returns (text, tokens, tokens of
-        hidden reasoning, why it stopped, seconds)."""
+        """Stream the reply to stdout, in chat mode without its reasoning unless --show_think; returns (text,
+        tokens, tokens of hidden reasoning, why it stopped, seconds)."""
         cfg = self.cfg
         decoder, pieces, n, stop = StreamDecoder(self.tokenizer), [], 0, "max_new_tokens"
         think_start, think_end = self.tokenizer.think_ids or (None, None)
+        hide = self.mode == "chat" and not cfg.show_think  # the reasoning format is that of chat replies
         thinking, hidden = False, 0
         t0 = time.perf_counter()
         try:
@@ -248,7 +249,7 @@ class Demo:
                     break
                 n += 1
                 pieces.append(decoder.push(token))
-                thinking = (thinking or token == think_start) and not cfg.show_think
+                thinking = (thinking or token == think_start) and hide
                 if thinking:
                     hidden += 1
                 else:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configs import option
+from configs import check_options, option
 from dataset import DataError, PretrainDataset, first_question, load_chats, read_jsonl, where_prefix
 from prepare import iter_documents
 from storyworld import FACTS
@@ -520,6 +520,18 @@ class TaskOptions:
     mode: str = option("generate: 'chat' (prompts through the chat template), 'text' (plain continuation, up to "
                        "the first line end) or 'auto' (text for pretraining checkpoints)", default="auto")
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """One-line ValueErrors for options that cannot work (eval.py's config extends this)."""
+        check_options(self, [("shots", self.shots >= 0, "must be >= 0"),
+                             *((name, getattr(self, name) >= 0, "must be >= 0 (0 = all)") for name in (
+                                 "limit", "max_tokens")),
+                             *((name, getattr(self, name) >= 1, "must be >= 1") for name in (
+                                 "batch_size", "max_new_tokens")),
+                             ("mode", self.mode in ("auto", "chat", "text"), "must be auto, chat or text")])
+
 
 @torch.no_grad()
 def evaluate_task(model, tokenizer, task: str, opts: TaskOptions, stage: str | None = None,
@@ -542,8 +554,6 @@ def evaluate_task(model, tokenizer, task: str, opts: TaskOptions, stage: str | N
     if task == "generate":
         prompts, answers = read_prompt_answers(data)
         prompts, answers = prompts[:opts.limit or None], answers[:opts.limit or None]
-        if opts.mode not in ("auto", "chat", "text"):
-            raise ValueError(f"--mode must be auto, chat or text, not {opts.mode!r}")
         if opts.mode == "chat" or (opts.mode == "auto" and stage not in ("pretrain", None)):
             replies = greedy_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
                                      opts.max_new_tokens, opts.batch_size, progress)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from configs import option, parse_args
+from configs import check_options, device_rules, option, parse_args
 from devices import pick_device, pick_dtype
 from evals import TaskOptions, evaluate_task
 from plots import read_metrics, write_curves
@@ -42,6 +42,11 @@ class ReportConfig:
     device: str = option("'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'mps'", default="auto")
     dtype: str = option("'auto' (bfloat16/float16 on CUDA, else float32), 'float32', 'bfloat16', 'float16'",
                         default="auto")
+
+    def __post_init__(self):
+        check_options(self, [("eval_samples", self.eval_samples >= 0, "must be >= 0 (0 = no answer evaluation)"),
+                             ("max_tokens", self.max_tokens >= 0, "must be >= 0 (0 = all)"),
+                             ("samples", self.samples >= 0, "must be >= 0"), *device_rules(self)])
 
 
 def stage_dirs(root: Path) -> list[Path]:

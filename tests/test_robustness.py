@@ -300,9 +300,9 @@ def test_a_long_piped_session_costs_each_turn_the_context_not_the_history(tmp_pa
     monkeypatch.setattr(session.tokenizer, "encode", counting_encode)
     monkeypatch.setattr(session, "turn", counting_turn)
     monkeypatch.setattr(sys, "stdin", io.StringIO("".join(f"{NAMES[i % 4]} has a ball.\n" for i in range(400))))
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: on a shared machine the wall clock measures the other jobs too
     session.run()
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     capsys.readouterr()
     assert len(per_turn) == 400 and max(per_turn[-100:]) <= max(per_turn[:10])  # no growth with the history
     assert seconds < 60, seconds  # ~5 s here; minutes before
