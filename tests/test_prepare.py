@@ -74,12 +74,12 @@ def test_chat_lines_are_tokenised_in_the_chat_template(tmp_path):
     rows = [{"text": d} for d in DOCS[:30]] + chats
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    out = _prepare(tmp_path, path, val_fraction=0.0)
+    out = _prepare(tmp_path, path)
     tok = Tokenizer.from_pretrained(out)
     rendered = ["".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in c["conversations"])
                 for c in chats]
-    assert _decode_split(out, "train") == DOCS[:30] + rendered
-    ids = np.fromfile(out / "train.bin", dtype=np.uint16)
+    assert sorted(_decode_split(out, "train") + _decode_split(out, "val")) == sorted(DOCS[:30] + rendered)
+    ids = np.concatenate([np.fromfile(out / f"{split}.bin", dtype=np.uint16) for split in ("train", "val")])
     # real special tokens, one <|im_start|> per message, not their text spelled out in ordinary tokens
     assert (ids == tok.im_start_id).sum() == sum(len(c["conversations"]) for c in chats)
 
@@ -120,7 +120,8 @@ def test_load_hf_documents_streams_a_local_builder(tmp_path, hf_cache):
 
 
 def test_storyworld_source_and_the_default_data_on_first_use(tmp_path, monkeypatch):
-    small = functools.partial(storyworld.write_default_dataset, n_stories=200, n_chats=20, n_pairs=20, n_val=5)
+    small = functools.partial(storyworld.write_default_dataset, n_lessons=150, n_stories=50, n_chats=20, n_pairs=20,
+                              n_val=5)
     monkeypatch.setattr(prepare, "write_default_dataset", small)
     monkeypatch.chdir(tmp_path)
     assert prepare.data_path("data/other", "x.jsonl") == prepare.Path("data/other/x.jsonl")  # never prepared here

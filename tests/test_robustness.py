@@ -57,8 +57,9 @@ def metrics(out_dir) -> list[dict]:
     (TrainConfig, ["--batch_size", "0"], "--batch_size must be >= 1, got 0"),
     (TrainConfig, ["--batch_size", "-1"], "--batch_size must be >= 1, got -1"),
     (TrainConfig, ["--grad_accum", "0"], "--grad_accum must be >= 1, got 0"),
-    (TrainConfig, ["--max_steps", "0"], "--max_steps must be >= 1, got 0"),
-    (TrainConfig, ["--max_steps", "-5"], "--max_steps must be >= 1, got -5"),
+    (TrainConfig, ["--max_steps", "-5"], r"--max_steps must be >= 0 \(0 = the budget of --max_tokens, --epochs or "
+                                         r"the plan\), got -5"),
+    (TrainConfig, ["--max_tokens", "-1"], r"--max_tokens must be >= 0 \(0 = off\), got -1"),
     (TrainConfig, ["--seq_len", "-1"], r"--seq_len must be >= 0 \(0 = the model's max_seq_len\), got -1"),
     (TrainConfig, ["--dtype", "float8"], "--dtype must be one of auto, float32, bfloat16, float16, got float8"),
     (TrainConfig, ["--device", "gpu"], "--device must be auto, cpu, mps, cuda or cuda:N, got gpu"),
