@@ -91,7 +91,9 @@ def apply_lora(model: nn.Module, targets=LORA_TARGETS, r: int = 8, alpha: float 
         setattr(parent, child, LoRALinear(module, r, alpha, dropout, use_rslora))
         for t in matches:
             found[t] += 1
-    missing = [t for t, n in found.items() if n == 0]
+    # The default names every projection of a Llama block; a model without some of them (GPT-2 has no gate_proj)
+    # takes those it has. A name outside the default, or a list that matches nothing, is a mistake.
+    missing = [t for t, n in found.items() if n == 0 and (t not in LORA_TARGETS or not any(found.values()))]
     if missing:
         raise ValueError(f"LoRA targets match no linear layer: {', '.join(missing)}")
     for name, p in model.named_parameters():
