@@ -202,7 +202,7 @@ def test_model_type_is_only_a_check_against_the_checkpoint(tmp_path, tokenizer, 
     run(tmp_path / "tiny", "tiny")  # the right preset: accepted
     assert "Traceback" not in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"--model_type tiny: .*small is not of that shape: dim=32 \(the preset "
-                                         r"has 128\).*config.json gives its shape"):
+                                         r"has 256\).*config.json gives its shape"):
         run(small, "tiny")
     with pytest.raises(SystemExit, match="--model_type must be one of tiny, "):
         run(small, "llama-7b")
