@@ -34,7 +34,7 @@ def load_pretrained(path, device="cpu", overrides: dict | None = None, log=print
         model, tokenizer = lora.load_lora_checkpoint(directory)
     else:
         model, tokenizer = GPT.from_pretrained(directory, overrides=overrides), Tokenizer.from_pretrained(directory)
-    if isinstance(tokenizer, HFTokenizer) and tokenizer.chat_template is None:
+    if needs_chatml(tokenizer):
         old = model.config.vocab_size
         tokenizer = tokenizer.with_chatml()
         model = resize_vocab(model, max(old, tokenizer.vocab_size))
@@ -45,6 +45,11 @@ def load_pretrained(path, device="cpu", overrides: dict | None = None, log=print
         raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                          f"{model.config.vocab_size}")
     return model.to(device), tokenizer
+
+
+def needs_chatml(tokenizer) -> bool:
+    """A Hugging Face base model's tokenizer (no chat template), which the chat stages give ChatML."""
+    return isinstance(tokenizer, HFTokenizer) and tokenizer.chat_template is None
 
 
 def resize_vocab(model: GPT, vocab_size: int) -> GPT:

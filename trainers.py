@@ -60,7 +60,7 @@ from model import GPT
 from moe import collect_moe_stats
 from plan import plan_for
 from prepare import data_path
-from pretrained import load_pretrained
+from pretrained import load_pretrained, needs_chatml
 from teachercache import TeacherTopK, store_dir, write_store
 from tokencache import is_complete
 from tokenizer import Tokenizer
@@ -728,6 +728,8 @@ class SFTTrainer(Trainer):
             tokenizer = Tokenizer.from_pretrained(find_init_dir(cfg.init_from, cls.init_stages))
         except FileNotFoundError:
             tokenizer = Tokenizer.from_pretrained(data_path(cfg.data_dir))
+        if needs_chatml(tokenizer):  # a base model: training gives it ChatML (load_pretrained)
+            tokenizer = tokenizer.with_chatml()
         chats, _ = load_chats(source, cfg.skip_bad_rows, cfg.hf_data_files, cfg.hf_split, limit=1)
         if not chats:
             raise ValueError(f"{source}: no chats")

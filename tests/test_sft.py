@@ -28,6 +28,7 @@ from evals import answer_accuracy, greedy_replies
 from loss import lm_loss
 from model import GPT
 from tests.helpers import SFT_MODEL, crash_during_step, make_chats, make_checkpoint, write_jsonl
+from tests.hf_models import make_model_dir
 from tokenizer import IM_END
 from trainers import SFTTrainer
 
@@ -97,6 +98,15 @@ def test_show_mask_marks_the_trained_tokens(tokenizer, sft_dirs):
                           "--sft_data", str(sft_dirs / "train.jsonl")], capture_output=True, text=True, check=True)
     thing = make_chats(1, 0)[0]["conversations"][1]["content"]
     assert f"⟦{thing}{IM_END}⟧" in out.stdout
+
+
+def test_show_mask_gives_a_base_model_chatml_as_training_does(sft_dirs, tmp_path):
+    """A Hugging Face base model (no chat template) is shown in the ChatML that SFT trains it in, not refused."""
+    make_model_dir("gpt2", tmp_path / "gpt2")
+    cfg = SFTConfig(init_from=str(tmp_path / "gpt2"), sft_data=str(sft_dirs / "train.jsonl"), device="cpu")
+    text = SFTTrainer.show_mask(cfg)
+    thing = make_chats(1, 0)[0]["conversations"][1]["content"]
+    assert "<|im_start|>user" in text and f"⟦{thing}{IM_END}⟧" in text
 
 
 # ----------------------------------------------------------------------------- loss, padding, packing
