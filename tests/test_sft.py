@@ -350,12 +350,14 @@ def test_missing_pretrain_checkpoint_is_a_clear_error(sft_dirs, monkeypatch):
 
 def test_reasoning_flag_trains_on_the_reasoning_chats_of_the_data_dir(tmp_path, tokenizer):
     # train_sft.py --reasoning with no data flags: the StoryWorld reasoning chats prepared in --data_dir
-    write_default_dataset(tmp_path, seed=0, n_stories=0, n_lessons=0, n_chats=8, n_pairs=0, n_val=4)
     make_checkpoint(tmp_path / "pretrain", tokenizer, "pretrain", max_seq_len=1024)  # a lesson: ~600 tokens
     cfg, overrides = parse_train_args(SFTConfig, [
         "--reasoning", "--data_dir", str(tmp_path), "--init_from", str(tmp_path / "pretrain"), "--out_dir",
         str(tmp_path / "sft"), "--device", "cpu", "--batch_size", "2", "--max_steps", "2", "--warmup_steps", "1",
         "--eval_iters", "1", "--eval_samples", "2", "--max_new_tokens", "4"])
+    with pytest.raises(FileNotFoundError, match=r"sft_reasoning_train.jsonl: missing \(prepare.py writes"):
+        SFTTrainer(cfg, overrides)  # data prepared before the reasoning chats
+    write_default_dataset(tmp_path, seed=0, n_stories=0, n_lessons=0, n_chats=8, n_pairs=0, n_val=4)
     trainer = SFTTrainer(cfg, overrides)
     assert all(chat[-1]["content"].startswith("<think>") for chat in trainer.answer_chats)
     batch = trainer.train_data.batch([0, 1])
