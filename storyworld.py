@@ -2,7 +2,8 @@
 
 Everything is generated from a seed, offline, in a few seconds:
   * stories for pretraining (`generate_stories`),
-  * question-answer chats about stories for supervised fine-tuning (`generate_chats`),
+  * question-answer chats about stories for supervised fine-tuning (`generate_chats`), plain or in the
+    reasoning format (`<think>` the story's sentence that states the answer `</think>` the answer),
   * preference pairs, a correct and a wrong answer, for DPO (`generate_preference_pairs`).
 
 A story is one of a dozen story shapes, each a list of steps with alternative phrasings, filled with entities
