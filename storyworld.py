@@ -2,7 +2,8 @@
 
 Everything is generated from a seed, offline, in a few seconds:
   * stories for pretraining (`generate_stories`),
-  * question-answer chats about stories for supervised fine-tuning (`generate_chats`),
+  * question-answer chats about stories for supervised fine-tuning (`generate_chats`), plain or in the
+    reasoning format (`<think>` the story's sentence that states the answer `</think>` the answer),
   * preference pairs, a correct and a wrong answer, for DPO (`generate_preference_pairs`).
 
 A story is one of a dozen story shapes, each a list of steps with alternative phrasings, filled with entities
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from fileio import write_jsonl
+from tokenizer import THINK_END, THINK_START
 
 # ---------------------------------------------------------------------------------------------------------------
 # Entity pools. No entry mentions another entry of its pool (see `mentions`; a test checks it), so whether a
@@ -159,19 +161,20 @@ FACTS = {
 class Shape:
     """A story shape: per language, a list of steps, each a tuple of alternative sentences (None = skip the step).
 
-    `facts` lists what every rendering of the shape states, so questions about them always have an answer.
-    `fixed` pins slots to values outside the pools (the garden story grows a flower).
+    `facts` maps what every rendering of the shape states, so questions about them always have an answer, to the
+    step that states it (in both languages; every phrasing of that step does): the reasoning of the reasoning
+    format. `fixed` pins slots to values outside the pools (the garden story grows a flower).
     """
 
     name: str
-    facts: tuple[str, ...]
+    facts: dict[str, int]
     en: tuple[tuple[str | None, ...], ...]
     zh: tuple[tuple[str | None, ...], ...]
     fixed: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 SHAPES = (
-    Shape("lost_toy", ("lost", "colour", "place", "helper", "feeling"),
+    Shape("lost_toy", {"lost": 2, "colour": 0, "place": 0, "helper": 3, "feeling": 5},
           en=(("{opener}{hero} went to {place} with {his} {colour} {obj}.",
                "{opener}{hero} took {his} {colour} {obj} to {place}."),
               ("{He} played there for a long time.", "{He} ran and jumped all afternoon.", None),
@@ -187,7 +190,7 @@ SHAPES = (
               ("{helper}帮助{hero}一起找。", "{helper}走过来，帮助{hero}到处找。"),
               ("最后，他们在{spot}找到了{obj}。", "不久，他们看到{obj}就在{spot}。"),
               ("{hero}感到很{feeling}。", "{hero}抱住{helper}，感到很{feeling}。"))),
-    Shape("new_pet", ("pet_name", "pet_kind", "helper", "place", "feeling"),
+    Shape("new_pet", {"pet_name": 1, "pet_kind": 1, "helper": 3, "place": 4, "feeling": 6},
           en=(("{opener}{helper} brought home a little {animal} for {hero}.",
                "{opener}{hero} got a little {animal} from {helper}."),
               ("{hero} named the {animal} {pet}.", "{hero} called {his} new {animal} {pet}."),
@@ -204,7 +207,7 @@ SHAPES = (
               ("每天，{hero}都带着{pet}去{place}。", "第二天，{hero}带着{pet}去了{place}。"),
               ("{pet}喜欢玩{obj2}。", None),
               ("有了{pet}这个好朋友，{hero}感到很{feeling}。", "{hero}感到很{feeling}。"))),
-    Shape("picnic", ("weather", "friend", "place", "food", "action", "feeling"),
+    Shape("picnic", {"weather": 0, "friend": 1, "place": 1, "food": 3, "action": 4, "feeling": 6},
           en=(("It was a {weather} day.", "The morning was {weather}."),
               ("{hero} and {friend} went to {place} for a picnic.",
                "{hero} went to {place} with {friend} to have a picnic."),
@@ -220,7 +223,7 @@ SHAPES = (
               ("吃完饭，他们一起{action}。", "然后，他们一起{action}。"),
               ("一{acl2}{animal2}跑过来看他们。", "{name2}在远处向他们挥手。", None),
               ("{hero}感到很{feeling}。", "这一天结束时，{hero}感到很{feeling}。"))),
-    Shape("birthday", ("gift", "colour", "friend", "food", "feeling"),
+    Shape("birthday", {"gift": 2, "colour": 2, "friend": 1, "food": 4, "feeling": 5},
           en=(("{opener}it was {hero}'s birthday.", "Today was {hero}'s birthday."),
               ("{friend} came to the party.", "{hero} asked {friend} to come to {his} party."),
               ("{friend} gave {hero} {a_obj}.", "{friend} gave {hero} {a_obj} as a gift."),
@@ -234,7 +237,7 @@ SHAPES = (
               ("{name2}送给{ta}{a_obj2}。", None),
               ("他们吃了{food}，还一起玩{obj}。", "{hero}吃了{food}，然后和{friend}一起玩{obj}。"),
               ("{hero}感到很{feeling}。", "这是最好的一天，{hero}感到很{feeling}。"))),
-    Shape("treasure", ("found", "finder", "colour", "place", "friend", "feeling"),
+    Shape("treasure", {"found": 2, "finder": 2, "colour": 2, "place": 0, "friend": 5, "feeling": 6},
           en=(("{opener}{hero} went to {place}.", "{opener}{hero} went to {place} to look for treasure."),
               ("{He} looked under the rocks and behind the trees.", None),
               ("{hero} found {a_obj} {spot}.", "Suddenly, {hero} found {a_obj}!", "{hero} found {a_obj} {place_at}."),
@@ -250,7 +253,7 @@ SHAPES = (
               ("{ta}跑去给{friend}看。", "{hero}把{obj}拿给{friend}看。", "{hero}把{obj}送给了{friend}。"),
               ("{hero}和{friend}一起玩{obj}，玩了一整天。", "然后，{hero}和{friend}一起玩{obj}。"),
               ("{hero}感到很{feeling}。",))),
-    Shape("rainy_day", ("helper", "food", "feeling"),
+    Shape("rainy_day", {"helper": 4, "food": 6, "feeling": 7},
           en=(("{opener}it was raining.", "It was a rainy day.", "Rain fell all morning."),
               ("{hero} could not go to {place}.", "{hero} wanted to go to {place}, but it was too wet."),
               ("At first, {he} felt a little sad.", None),
@@ -267,7 +270,7 @@ SHAPES = (
               ("{hero}的{animal}{pet}在旁边看着他们。", None),
               ("{hero}和{helper}一起吃了{food}。", "然后，{hero}吃了{food}。"),
               ("{hero}感到很{feeling}。", "虽然下着雨，{hero}还是感到很{feeling}。"))),
-    Shape("runaway_pet", ("pet_name", "pet_kind", "helper", "place", "feeling"),
+    Shape("runaway_pet", {"pet_name": 0, "pet_kind": 0, "helper": 3, "place": 5, "feeling": 7},
           en=(("{hero} had a {animal} named {pet}.", "{hero} had a little {animal} called {pet}."),
               ("{opener}{pet} ran away!", "{opener}the gate was open, and {pet} ran away."),
               ("{hero} was very worried.", None),
@@ -285,7 +288,7 @@ SHAPES = (
               ("后来，{hero}去了{place}，{pet}就在那里！", "最后，{hero}去了{place}，在{spot}找到了{pet}。"),
               ("{pet}正在玩{obj2}。", None),
               ("{hero}抱住{pet}，感到很{feeling}。", "{hero}带{pet}回家，感到很{feeling}。"))),
-    Shape("sharing", ("place", "food", "friend", "action", "feeling"),
+    Shape("sharing", {"place": 0, "food": 4, "friend": 0, "action": 5, "feeling": 6},
           en=(("{opener}{hero} went to {place} with {friend}.", "{opener}{hero} and {friend} went to {place}."),
               ("{hero} had {food} in {his} bag.", "{hero} brought {food} for lunch."),
               ("{friend} had no lunch and looked sad.",),
@@ -300,7 +303,7 @@ SHAPES = (
               ("{hero}和{friend}一起吃了{food}。",),
               ("然后，他们一起{action}。", "吃完以后，他们一起{action}。"),
               ("{hero}感到很{feeling}。", "分享让{hero}感到很{feeling}。"))),
-    Shape("garden", ("helper", "colour", "weather", "feeling"),
+    Shape("garden", {"helper": 4, "colour": 5, "weather": 2, "feeling": 6},
           en=(("{opener}{helper} gave {hero} a little seed.",),
               ("{hero} planted the seed in the garden.", "{hero} put the seed in the soil."),
               ("It was a {weather} day.", "The day was {weather}."),
@@ -316,7 +319,7 @@ SHAPES = (
               ("一天早上，{hero}看到了{a_obj}。", "不久，长出了{a_obj}。"),
               ("{hero}感到很{feeling}。", "{hero}把花给{friend}看，感到很{feeling}。")),
           fixed={"en": {"obj": "flower"}, "zh": {"obj": "花"}}),
-    Shape("brave", ("fear", "helper", "colour", "feeling"),
+    Shape("brave", {"fear": 0, "helper": 2, "colour": 3, "feeling": 6},
           en=(("{hero} was afraid of {fear}.", "{opener}{hero} was afraid of {fear}."),
               ("{He} did not want to be alone.", None),
               ("{helper} helped {hero} be brave.", "{helper} sat with {hero} and helped {him} be brave."),
@@ -331,7 +334,7 @@ SHAPES = (
               ("{ta}深深地吸了一口气。", None),
               ("很快，{hero}就不再害怕{fear}了。",),
               ("{hero}感到很{feeling}。", "{hero}笑了，感到很{feeling}。"))),
-    Shape("play_day", ("weather", "place", "friend", "action", "food", "feeling"),
+    Shape("play_day", {"weather": 0, "place": 1, "friend": 1, "action": 2, "food": 4, "feeling": 5},
           en=(("It was a {weather} day.", "{opener}the weather was {weather}."),
               ("{hero} and {friend} went to {place}.", "{hero} went to {place} to meet {friend}."),
               ("They {action}.", "There, they {action}."),
@@ -344,7 +347,7 @@ SHAPES = (
               ("{name2}坐在长椅上看书。", "{name2}在远处挥手。", None),
               ("后来，{hero}吃了{food}。", "{hero}饿了，就吃了{food}。"),
               ("{hero}感到很{feeling}。",))),
-    Shape("shopping", ("bought", "colour", "helper", "food", "feeling"),
+    Shape("shopping", {"bought": 3, "colour": 3, "helper": 4, "food": 5, "feeling": 6},
           en=(("{opener}{hero} went to the shop with {helper}.",),
               ("There were many things to see.", None),
               ("{hero} saw {a_obj2} and {a_obj}.", "{hero} liked {a_obj} very much."),
@@ -415,12 +418,14 @@ def mentions(text: str, entity: str, lang: str) -> bool:
 
 @dataclass
 class Story:
-    """One generated story: its text, language, the facts it states and the entities filling its slots."""
+    """One generated story: its text, language, the facts it states, the entities filling its slots and, for each
+    fact, the sentence of the text that states it."""
 
     text: str
     lang: str
     facts: tuple[str, ...]
     entities: dict[str, str]
+    sources: dict[str, str]
 
     def question(self, fact: str) -> str:
         """The question about `fact`, one of `self.facts`."""
@@ -430,6 +435,10 @@ class Story:
         """The answer sentence; `override` swaps entities, e.g. to build a wrong answer."""
         template = getattr(FACTS[fact], f"{self.lang}_answer")
         return template.format(**_context(self.lang, {**self.entities, **override}))
+
+    def reasoned_answer(self, fact: str) -> str:
+        """The answer in the reasoning format: <think>, the sentence that states the fact, </think>, the answer."""
+        return f"{THINK_START}{self.sources[fact]}{THINK_END}{self.answer(fact)}"
 
     def value(self, fact: str) -> str:
         """The key entity of the answer, e.g. 'ball' for 'Lily found a red ball.' (the story mentions it)."""
@@ -465,7 +474,8 @@ def sample_story(rng: random.Random, lang: str | None = None) -> Story:
         e[slot] = rng.choice(pools[SLOT_POOLS[slot]])
     e.update(shape.fixed.get(lang, {}))
 
-    sentences = [s for step in getattr(shape, lang) if (s := rng.choice(step)) is not None]
+    steps = [rng.choice(step) for step in getattr(shape, lang)]
+    sentences = [s for s in steps if s is not None]
     room = MAX_SENTENCES - len(sentences)
     n_extra = rng.randint(min(1, room), min(MAX_EXTRA, room))
     extra = rng.sample(DISTRACTOR_SENTENCES[lang], min(n_extra, 1)) + rng.sample(FILLERS[lang], max(n_extra - 1, 0))
@@ -473,12 +483,13 @@ def sample_story(rng: random.Random, lang: str | None = None) -> Story:
         sentences.insert(rng.randint(1, len(sentences)), sentence)  # never before the opening sentence
 
     ctx = _context(lang, e)
-    sentences = [s.format(**ctx) for s in sentences]
-    if lang == "en":
-        text = " ".join(s[0].upper() + s[1:] for s in sentences)
-    else:
-        text = "".join(sentences)
-    return Story(text, lang, shape.facts, e)
+
+    def render(sentence: str) -> str:
+        sentence = sentence.format(**ctx)
+        return sentence[0].upper() + sentence[1:] if lang == "en" else sentence
+
+    text = (" " if lang == "en" else "").join(map(render, sentences))
+    return Story(text, lang, tuple(shape.facts), e, {fact: render(steps[i]) for fact, i in shape.facts.items()})
 
 
 def _rng(kind: str, seed: int) -> random.Random:
@@ -491,8 +502,26 @@ def _prompt(story: Story, fact: str) -> str:
     return f"{story.text}\n\n{story.question(fact)}"
 
 
-def _iter_chats(seed: int, every_fact: bool = False) -> Iterator[tuple[str, dict]]:
-    """Endless (story text, chat) pairs; the story text lets callers keep val stories out of train.
+class Questions(NamedTuple):
+    """What a chat asks: its story, the facts asked in turn, whether a system prompt opens it."""
+
+    story: Story
+    facts: list[str]
+    system: bool
+
+    def chat(self, reasoning: bool = False) -> dict:
+        """The chat, {"conversations": [...]}; with `reasoning` every reply is in the reasoning format."""
+        story = self.story
+        messages = [{"role": "system", "content": SYSTEM_PROMPTS[story.lang]}] if self.system else []
+        for i, fact in enumerate(self.facts):  # the story is told once, in the first user turn
+            question = _prompt(story, fact) if i == 0 else story.question(fact)
+            answer = story.reasoned_answer(fact) if reasoning else story.answer(fact)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        return {"conversations": messages}
+
+
+def _iter_chats(seed: int, every_fact: bool = False) -> Iterator[tuple[str, Questions]]:
+    """Endless (story text, questions of a chat) pairs; the story text lets callers keep val stories out of train.
 
     A chat asks one question about its story, sometimes two; with `every_fact` it asks about every fact of the
     story, in a random order (the pretraining lessons).
@@ -502,14 +531,7 @@ def _iter_chats(seed: int, every_fact: bool = False) -> Iterator[tuple[str, dict
         story = sample_story(rng)
         n_questions = len(story.facts) if every_fact else 2 if rng.random() < 0.2 else 1
         facts = rng.sample(story.facts, n_questions)
-        messages = []
-        if rng.random() < 0.2:
-            messages.append({"role": "system", "content": SYSTEM_PROMPTS[story.lang]})
-        turns = [(_prompt(story, fact) if i == 0 else story.question(fact), story.answer(fact))
-                 for i, fact in enumerate(facts)]  # the story is told once, in the first user turn
-        for question, answer in turns:
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        yield story.text, {"conversations": messages}
+        yield story.text, Questions(story, facts, system=rng.random() < 0.2)
 
 
 def _iter_pairs(seed: int) -> Iterator[tuple[str, dict]]:
@@ -533,13 +555,15 @@ def generate_stories(n: int, seed: int) -> list[str]:
     return [sample_story(rng).text for _ in range(n)]
 
 
-def generate_chats(n: int, seed: int) -> list[dict]:
+def generate_chats(n: int, seed: int, reasoning: bool = False) -> list[dict]:
     """`n` question-answer chats about fresh stories, as {"conversations": [{"role", "content"}, ...]}.
 
     The first user turn is the story, a blank line and a question; the assistant answers with one templated
     sentence. About 20% of chats ask a second question in a second turn, about 20% start with a system message.
+    With `reasoning` the same chats answer in the reasoning format: `<think>`, the story's sentence that states
+    the answer, `</think>`, the answer.
     """
-    return [chat for _, chat in islice(_iter_chats(seed), n)]
+    return [questions.chat(reasoning) for _, questions in islice(_iter_chats(seed), n)]
 
 
 def generate_lessons(n: int, seed: int) -> list[dict]:
@@ -548,7 +572,7 @@ def generate_lessons(n: int, seed: int) -> list[dict]:
     Mixed into the pretraining documents (as nanochat's mid-training mixes in conversations), they teach the
     skill the later stages measure, reading the answer out of the story, from the first step on.
     """
-    return [chat for _, chat in islice(_iter_chats(seed, every_fact=True), n)]
+    return [questions.chat() for _, questions in islice(_iter_chats(seed, every_fact=True), n)]
 
 
 def generate_preference_pairs(n: int, seed: int) -> list[dict]:
@@ -560,7 +584,7 @@ def generate_preference_pairs(n: int, seed: int) -> list[dict]:
     return [pair for _, pair in islice(_iter_pairs(seed), n)]
 
 
-def _take_unseen(items: Iterator[tuple[str, dict]], n: int, seen: set[str]) -> list[dict]:
+def _take_unseen(items: Iterator[tuple[str, dict | Questions]], n: int, seen: set[str]) -> list:
     """The first `n` items whose story is not in `seen`."""
     return list(islice((item for story, item in items if story not in seen), n))
 
@@ -572,9 +596,10 @@ def write_default_dataset(raw_dir, seed: int = 1337, n_stories: int = 0, n_lesso
     pretrain.jsonl: the pretraining documents, `n_lessons` lessons ({"conversations"}, see generate_lessons) and
     `n_stories` plain stories ({"text"}), shuffled together; sft_train.jsonl: `n_chats` further lessons (other
     stories), so that SFT trains on the answer to every question of each story; sft_val.jsonl (chats as
-    generate_chats makes them, one or two questions each) and dpo_train.jsonl / dpo_val.jsonl (preference pairs).
-    The val files come from another seed and hold only stories that no train file contains, so they measure
-    answering questions about unseen stories. `n_val` is the size of each val file.
+    generate_chats makes them, one or two questions each); sft_reasoning_train.jsonl and sft_reasoning_val.jsonl,
+    the same chats with every reply in the reasoning format (`train_sft.py --reasoning`); and dpo_train.jsonl /
+    dpo_val.jsonl (preference pairs). The val files come from another seed and hold only stories that no train
+    file contains, so they measure answering questions about unseen stories. `n_val` is the size of each val file.
     """
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
@@ -584,11 +609,13 @@ def write_default_dataset(raw_dir, seed: int = 1337, n_stories: int = 0, n_lesso
     chat_items = list(islice(lessons, n_chats))
     pair_items = list(islice(_iter_pairs(seed), n_pairs))
     seen = set(stories) | {s for s, _ in lesson_items} | {s for s, _ in chat_items} | {s for s, _ in pair_items}
-    documents = [{"text": s} for s in stories] + [chat for _, chat in lesson_items]
+    documents = [{"text": s} for s in stories] + [questions.chat() for _, questions in lesson_items]
     _rng("shuffle", seed).shuffle(documents)
     write_jsonl(raw_dir / "pretrain.jsonl", documents)
-    write_jsonl(raw_dir / "sft_train.jsonl", [chat for _, chat in chat_items])
-    write_jsonl(raw_dir / "sft_val.jsonl", _take_unseen(_iter_chats(seed + 1), n_val, seen))
+    val_items = _take_unseen(_iter_chats(seed + 1), n_val, seen)
+    for name, reasoning in (("sft", False), ("sft_reasoning", True)):  # the same chats, plain and reasoning
+        write_jsonl(raw_dir / f"{name}_train.jsonl", [questions.chat(reasoning) for _, questions in chat_items])
+        write_jsonl(raw_dir / f"{name}_val.jsonl", [questions.chat(reasoning) for questions in val_items])
     write_jsonl(raw_dir / "dpo_train.jsonl", [pair for _, pair in pair_items])
     write_jsonl(raw_dir / "dpo_val.jsonl", _take_unseen(_iter_pairs(seed + 1), n_val, seen))
     return raw_dir

@@ -700,6 +700,9 @@ class SFTTrainer(Trainer):
         train_source = chat_source(cfg, cfg.chat_file("train"), cfg.sft_data)
         if train_source is None:
             raise ValueError("--sft_data none: there must be training chats")
+        if cfg.reasoning and not cfg.sft_data and not Path(train_source).exists():
+            raise FileNotFoundError(f"{train_source}: missing (prepare.py writes the reasoning chats of StoryWorld: "
+                                    f"run it again on data prepared before them), or give --sft_data")
         val_source = chat_source(cfg, cfg.chat_file("val"), cfg.sft_val_data)
         check_files(train_source, val_source)
         options = {**cfg.read_options(), "think_weight": cfg.think_weight}

@@ -128,7 +128,7 @@ def test_storyworld_source_and_the_default_data_on_first_use(tmp_path, monkeypat
     assert not (tmp_path / "data").exists()
     out = prepare.data_path("data/storyworld")
     for name in ("train.bin", "val.bin", "meta.json", "pretrain.jsonl", "sft_train.jsonl", "sft_val.jsonl",
-                 "dpo_train.jsonl", "dpo_val.jsonl"):
+                 "sft_reasoning_train.jsonl", "sft_reasoning_val.jsonl", "dpo_train.jsonl", "dpo_val.jsonl"):
         assert (out / name).exists(), name
     meta = json.loads((out / "meta.json").read_text())
     assert meta["source"] == "storyworld" and meta["n_docs"] == 200

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import checkpoint
 import dataset as dataset_module
-from configs import ModelConfig, SFTConfig
+from configs import ModelConfig, SFTConfig, parse_train_args
 from dataset import (
     DataError,
     RowSampler,
@@ -27,6 +27,7 @@ from dataset import (
 from evals import answer_accuracy, greedy_replies
 from loss import lm_loss
 from model import GPT
+from storyworld import write_default_dataset
 from tests.helpers import SFT_MODEL, crash_during_step, make_chats, make_checkpoint, write_jsonl
 from tests.hf_models import make_model_dir
 from tokenizer import IM_END
@@ -366,6 +367,27 @@ def test_missing_pretrain_checkpoint_is_a_clear_error(sft_dirs, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"no pretrain checkpoint under checkpoint/: run `python "
                                                 r"train_pretrain.py` first"):
         SFTTrainer(sft_config(sft_dirs, init_from=""), {})
+
+
+def test_reasoning_flag_trains_on_the_reasoning_chats_of_the_data_dir(tmp_path, tokenizer):
+    # train_sft.py --reasoning with no data flags: the StoryWorld reasoning chats prepared in --data_dir
+    make_checkpoint(tmp_path / "pretrain", tokenizer, "pretrain", max_seq_len=1024)  # a lesson: ~600 tokens
+    cfg, overrides = parse_train_args(SFTConfig, [
+        "--reasoning", "--data_dir", str(tmp_path), "--init_from", str(tmp_path / "pretrain"), "--out_dir",
+        str(tmp_path / "sft"), "--device", "cpu", "--batch_size", "2", "--max_steps", "2", "--warmup_steps", "1",
+        "--eval_iters", "1", "--eval_samples", "2", "--max_new_tokens", "4"])
+    with pytest.raises(FileNotFoundError, match=r"sft_reasoning_train.jsonl: missing \(prepare.py writes"):
+        SFTTrainer(cfg, overrides)  # data prepared before the reasoning chats
+    write_default_dataset(tmp_path, seed=0, n_stories=0, n_lessons=0, n_chats=8, n_pairs=0, n_val=4)
+    trainer = SFTTrainer(cfg, overrides)
+    assert all(chat[-1]["content"].startswith("<think>") for chat in trainer.answer_chats)
+    batch = trainer.train_data.batch([0, 1])
+    trained = batch["labels"][batch["loss_mask"] > 0]
+    n_replies = sum(m["role"] == "assistant" for c in load_chats(str(tmp_path / "sft_reasoning_train.jsonl"))[0][:2]
+                    for m in c)
+    assert torch.isin(trained, torch.tensor(tokenizer.think_ids)).sum() == 2 * n_replies
+    results = trainer.train()
+    assert trainer.step == 2 and np.isfinite(results["val_loss"]) and 0 <= results["answer_acc"] <= 1
 
 
 def test_epochs_set_the_steps_and_each_epoch_sees_every_chat_once(sft_dirs):

@@ -7,6 +7,8 @@ import re
 import pytest
 
 import storyworld as sw
+from evals import answer_matches, score_answers
+from tokenizer import split_think
 
 N = 400
 
@@ -18,6 +20,12 @@ def _story_of(user_content: str) -> str:
 
 def _lang(text: str) -> str:
     return "en" if text.isascii() else "zh"
+
+
+def _sentences(story: str) -> list[str]:
+    """The sentences of a story: each ends with . ! ? (English, then a space) or 。！？ (Chinese), maybe a quote."""
+    ends = r'[.!?]"?(?=\s|$)' if _lang(story) == "en" else r"[。！？]”?"
+    return [s.strip() for s in re.findall(rf".+?{ends}", story)]
 
 
 def _entities_in(text: str, lang: str) -> list[str]:
@@ -36,7 +44,8 @@ def test_write_default_dataset_is_byte_identical_for_a_seed(tmp_path):
     small = dict(n_stories=60, n_lessons=40, n_chats=30, n_pairs=30, n_val=10)
     a, b, c = (sw.write_default_dataset(tmp_path / name, seed=seed, **small)
                for name, seed in (("a", 5), ("b", 5), ("c", 6)))
-    names = ["pretrain.jsonl", "sft_train.jsonl", "sft_val.jsonl", "dpo_train.jsonl", "dpo_val.jsonl"]
+    names = ["pretrain.jsonl", "sft_train.jsonl", "sft_val.jsonl", "sft_reasoning_train.jsonl",
+             "sft_reasoning_val.jsonl", "dpo_train.jsonl", "dpo_val.jsonl"]
     assert sorted(p.name for p in a.iterdir()) == sorted(names)  # no temp files left behind
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes()
@@ -153,3 +162,67 @@ def test_val_stories_are_held_out(tmp_path):
     assert len(val_chats) == len(val_pairs) == 50
     val = {_first_story(r) for r in val_chats} | {_story_of(r["prompt"]) for r in val_pairs}
     assert not train & val
+
+
+# ----------------------------------------------------------------------------- the reasoning format
+def test_each_fact_has_the_story_sentence_that_states_it():
+    rng = random.Random(0)
+    langs = set()
+    for _ in range(2000):  # every phrasing of every shape, in both languages
+        story = sw.sample_story(rng)
+        langs.add(story.lang)
+        for fact in story.facts:
+            source = story.sources[fact]
+            assert source in _sentences(story.text), (fact, source, story.text)
+            assert sw.mentions(source, story.value(fact), story.lang), (fact, source)
+            think, answer = split_think(story.reasoned_answer(fact))
+            assert (think, answer) == (source, story.answer(fact))
+    assert langs == {"en", "zh"}
+
+
+def _assistant_turns(chat: dict) -> list[str]:
+    return [m["content"] for m in chat["conversations"] if m["role"] == "assistant"]
+
+
+def _check_reasoning_twin(plain: dict, reasoning: dict) -> None:
+    """`reasoning` is `plain` with every reply in the reasoning format: <think>a sentence of the story</think>, then
+    the plain reply."""
+    strip = [{**m, "content": ""} if m["role"] == "assistant" else m for m in plain["conversations"]]
+    assert strip == [{**m, "content": ""} if m["role"] == "assistant" else m for m in reasoning["conversations"]]
+    story = _first_story(plain)
+    for answer, reply in zip(_assistant_turns(plain), _assistant_turns(reasoning), strict=True):
+        assert reply.startswith("<think>") and reply.count("</think>") == 1
+        think, after = split_think(reply)
+        assert after == answer and think in _sentences(story)
+
+
+def test_reasoning_chats_are_the_plain_chats_with_the_sentence_before_each_answer():
+    plain, reasoning = sw.generate_chats(N, 4), sw.generate_chats(N, 4, reasoning=True)
+    assert len(plain) == len(reasoning) == N
+    assert {_lang(_first_story(c)) for c in reasoning} == {"en", "zh"}
+    for p, r in zip(plain, reasoning):
+        _check_reasoning_twin(p, r)
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_reasoning_files_hold_the_same_chats_and_score_as_the_plain_ones(tmp_path, tokenizer):
+    d = sw.write_default_dataset(tmp_path, seed=2, n_stories=0, n_lessons=20, n_chats=40, n_pairs=0, n_val=30)
+    for split in ("train", "val"):
+        plain, reasoning = _rows(d / f"sft_{split}.jsonl"), _rows(d / f"sft_reasoning_{split}.jsonl")
+        assert len(plain) == len(reasoning) == (40 if split == "train" else 30)
+        for p, r in zip(plain, reasoning):
+            _check_reasoning_twin(p, r)
+        answers = [a for c in plain for a in _assistant_turns(c)]
+        replies = [a for c in reasoning for a in _assistant_turns(c)]
+        assert all(answer_matches(split_think(r)[1], a) for r, a in zip(replies, answers))
+        assert score_answers(replies, replies)["acc"] == score_answers(answers, replies)["acc"] == 1.0
+        assert score_answers(replies[1:], replies[:-1])["acc"] < 0.5  # another question's answer is wrong
+    # <think> and </think> are the tokenizer's two special tokens, once in each reply
+    train = _rows(d / "sft_reasoning_train.jsonl")
+    assert max(len(_assistant_turns(c)) for c in train) >= 3  # lessons: a question about every fact
+    for chat in train:
+        ids = tokenizer.apply_chat_template(chat["conversations"])
+        assert [ids.count(t) for t in tokenizer.think_ids] == [len(_assistant_turns(chat))] * 2
