@@ -45,10 +45,12 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: dict | None = None,
                     extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
-                    extra_json: dict[str, dict] | None = None, save_weights: bool = True) -> Path:
+                    extra_json: dict[str, dict] | None = None, save_weights: bool = True,
+                    weights_metadata: dict[str, str] | None = None) -> Path:
     """Atomically (re)write the checkpoint directory. extra_files maps file names to tensors to save,
     extra_json file names to JSON objects; save_weights=False leaves out model.safetensors (adapter-only
-    checkpoints, whose tensors are in extra_files)."""
+    checkpoints, whose tensors are in extra_files); weights_metadata goes into model.safetensors' header
+    (a quantised model's scheme)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     _recover(directory)
@@ -57,7 +59,7 @@ def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: di
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     if save_weights:
-        save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt"})
+        save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt", **(weights_metadata or {})})
     for name, tensors in (extra_files or {}).items():
         save_file(tensors, tmp / name, metadata={"format": "pt"})
     for name, obj in (extra_json or {}).items():
@@ -109,6 +111,19 @@ def read_tensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: cannot read weights ({e})") from None
 
 
+def saved_quantization(directory) -> dict | None:
+    """The quantisation recorded in a checkpoint's model.safetensors by quant.save_quantized, or None (floats)."""
+    path = _checked_dir(directory) / WEIGHTS
+    if not path.exists():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            recorded = (f.metadata() or {}).get("quantization")
+    except Exception as e:  # safetensors raises several error types for a damaged file
+        raise ValueError(f"{path}: cannot read weights ({e})") from None
+    return json.loads(recorded) if recorded else None
+
+
 def check_state_matches(model_state: dict, loaded: dict, source: str) -> None:
     """Raise one line naming the file if any weight is missing, unexpected or of another shape.
 
@@ -131,9 +146,10 @@ def load_weights(model: torch.nn.Module, directory, device="cpu") -> None:
     """Load model.safetensors into model, checking that every weight is found and matches."""
     path = _checked_dir(directory) / WEIGHTS
     loaded = read_tensors(path)
-    if model.config.tie_embeddings and "embed.weight" in loaded:
+    state = model.state_dict()
+    if "lm_head.weight" in state and model.config.tie_embeddings and "embed.weight" in loaded:
         loaded.setdefault("lm_head.weight", loaded["embed.weight"])  # saved once, shared by both
-    check_state_matches(model.state_dict(), loaded, str(path))
+    check_state_matches(state, loaded, str(path))
     model.load_state_dict(loaded, strict=True)
 
 

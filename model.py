@@ -5,12 +5,14 @@ converts exactly both ways (`GPT.from_hf_llama`, `GPT.to_hf_llama`).
 """
 
 import math
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import quant
 from attention import Attention, KVCache, build_attention_mask, precompute_rope
 from configs import ModelConfig
 from sampling import apply_repetition_penalty, sample_next
@@ -229,13 +231,24 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------------- checkpoints
     @classmethod
-    def from_pretrained(cls, checkpoint_dir, device="cpu") -> "GPT":
-        """Load a model saved by the trainers (config.json + model.safetensors)."""
-        from checkpoint import load_model_config, load_weights
+    def from_pretrained(cls, checkpoint_dir, device="cpu", quantize: str | None = None) -> "GPT":
+        """Load a model saved by the trainers (config.json + model.safetensors).
+
+        quantize (quant.SCHEMES: int8, nf4, fp16, bf16) quantises it for inference: every linear layer, the output
+        head included (the embedding stays float). A checkpoint saved quantised (quant.save_quantized) loads in the
+        scheme it was saved in; asking for another is refused.
+        """
+        from checkpoint import WEIGHTS, load_model_config, load_weights, saved_quantization
 
         config = load_model_config(checkpoint_dir)
         model = cls(config)
+        saved = saved_quantization(checkpoint_dir)
+        if saved:
+            quant.check_scheme(saved, quantize, Path(checkpoint_dir) / WEIGHTS)
+            quant.quantize_model(model, saved["scheme"], saved["head"], saved["double_quant"], saved["block_size"])
         load_weights(model, checkpoint_dir, device=device)
+        if quantize and not saved:
+            quant.quantize_model(model, quantize, head=True)
         return model.to(device)
 
     # ------------------------------------------------------------------------- HF Llama interop
