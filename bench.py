@@ -12,6 +12,7 @@ For the preset and batch shape given, it times training steps (forward, backward
   dpo_pre    the same with precomputed reference log-probabilities (no reference forward)
 and generation at --gen_batch_size: prefill and KV-cache decode tokens/s with `GPT.generate` against HF
 `generate` (greedy), beside the floor of decoding: the bare weight matrix-vector products of one token.
+--quantize int8|nf4|fp16|bf16 decodes with our weights quantised (quant.py), against the same float floor.
 HF's LlamaForCausalLM, built from our weights with `GPT.to_hf_llama`, runs at the same shape in the same
 process, interleaved step by step (who goes first alternates) so that machine noise hits both. Warm-up steps
 are not counted; the median of the timed steps is reported; CUDA timings synchronise. Peak memory is
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from configs import ModelConfig, get_config, option, parse_args
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
+from quant import SCHEMES, linear_weight_bytes, quantize_model
 from trainers import pick_compile, pick_device, pick_dtype
 
 PARTS = ("pretrain", "sft", "dpo", "dpo_pre", "generate")
@@ -68,6 +70,8 @@ class BenchConfig:
     gen_batch_size: int = option("rows generated at once", default=1)
     prompt_len: int = option("prompt tokens for generation", default=64)
     new_tokens: int = option("tokens generated after the prompt", default=64)
+    quantize: str = option(f"generation: quantise our weights ({', '.join(SCHEMES)}; the output head too) and decode "
+                           "through them; '' = float", default="")
     peak_tflops: float = option("the device's peak TFLOPS for MFU; 0 = GPU table, else a measured matmul",
                                 default=0.0)
     out: str = option("where the JSON results go", default="bench.json")
@@ -315,6 +319,9 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
     for r in runners.values():
         r.model.eval().to(dtype)  # inference runs in the benchmark dtype itself
         r.optimizer = r.reference = None
+    floors = {fused: matvec_pass(runners["ours"].model, cfg.gen_batch_size, device, fused) for fused in (False, True)}
+    if cfg.quantize:  # the floor stays the float model's
+        quantize_model(runners["ours"].model, cfg.quantize, head=True)
     if pick_compile(cfg.compile, device):
         failure = runners["ours"].model.compile_decoding()
         print(f"torch.compile of the decode step failed ({failure}); ours decodes eagerly" if failure else
@@ -336,8 +343,7 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
                                         do_sample=False)
 
     def floor(fused):
-        run = matvec_pass(runners["ours"].model, cfg.gen_batch_size, device, fused)
-        return lambda: [run() for _ in range(n - 1)]
+        return lambda: [floors[fused]() for _ in range(n - 1)]
 
     t_prefill = interleaved({k: prefill(r) for k, r in runners.items()}, cfg.warmup, cfg.steps, device)
     # The floor runs in the same rounds as generation, so that machine noise hits all of them alike.
@@ -350,6 +356,8 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
         results[k] = {"prefill_tok_s": prompt.numel() / t_prefill[k],
                       "decode_tok_s": cfg.gen_batch_size * (n - 1) / max(t_gen[k] - t_prefill[k], 1e-9)}
     results["floor"] = {k: cfg.gen_batch_size * (n - 1) / t_gen[k] for k in ("floor_tok_s", "floor_fused_tok_s")}
+    results["ours"].update(quantize=cfg.quantize or dtype_name(dtype),
+                           weight_bytes_per_token=linear_weight_bytes(runners["ours"].model))
     return results
 
 
@@ -359,6 +367,8 @@ def main(cfg: BenchConfig) -> dict:
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise SystemExit(f"error: --parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
+    if cfg.quantize not in ("", *SCHEMES):
+        raise SystemExit(f"error: --quantize: unknown scheme {cfg.quantize!r}; choose from {', '.join(SCHEMES)}")
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     names = ("ours", "hf") if cfg.hf and hf_available() else ("ours",)
@@ -423,6 +433,8 @@ def print_table(report: dict):
         # ours' decode speed as a share of the bare matrix-vector floor
         rows.append(("matvec floor", f"{f['floor_tok_s']:.0f}", f"fused {f['floor_fused_tok_s']:.0f}",
                      f"ours {gen['ours']['decode_tok_s'] / f['floor_tok_s']:.0%}", "", "", "", ""))
+        rows.append(("ours' weights", gen["ours"]["quantize"], f"{gen['ours']['weight_bytes_per_token'] / 1e6:.1f} MB",
+                     "a token", "", "", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))

@@ -302,6 +302,18 @@ def quantize_model(model: nn.Module, scheme: str, head: bool = False, double_qua
     return model
 
 
+def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's linear layers (quantised: what they store), a tied output head included: what
+    decoding one token reads (for a Mixture-of-Experts model, every expert is counted)."""
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        elif isinstance(module, nn.Linear):
+            total += sum(p.numel() * p.element_size() for p in module.parameters())
+    return total
+
+
 def quantization_of(model: nn.Module) -> dict | None:
     """{"scheme", "head", "double_quant", "block_size"} of a model quantize_model changed, else None."""
     layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import bench
-from configs import ModelConfig
+from configs import ModelConfig, get_config
 from model import GPT
 from tests.conftest import TINY_MODEL
 
@@ -56,3 +56,16 @@ def test_cli_writes_json(tmp_path):
     assert set(report["train"]["pretrain"]) == {"ours", "hf"}
     assert report["generate"]["ours"]["decode_tok_s"] > 0
     assert report["generate"]["floor"]["floor_tok_s"] > 0
+
+
+def test_quantized_decoding_reports_its_weight_bytes(tmp_path):
+    cfg = bench.BenchConfig(preset="tiny", vocab_size=320, parts="generate", hf=False, memory=False, warmup=0, steps=1,
+                            new_tokens=4, prompt_len=4, peak_tflops=1, device="cpu", compile="false",
+                            quantize="int8", out=str(tmp_path / "b.json"))
+    report = bench.main(cfg)["generate"]
+    float_matrices = bench.weight_matrices(GPT(get_config("tiny", vocab_size=320)), fused=False)
+    # int8: a byte a weight and a float32 scale a row, for every matrix, the (tied) output head included
+    assert report["ours"]["weight_bytes_per_token"] == sum(w.numel() + 4 * w.shape[0] for w in float_matrices)
+    assert report["ours"]["quantize"] == "int8" and report["ours"]["decode_tok_s"] > 0
+    with pytest.raises(SystemExit, match="error: --quantize: unknown scheme 'int4'; choose from int8, nf4, fp16, bf16"):
+        bench.main(bench.BenchConfig(quantize="int4"))
