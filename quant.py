@@ -184,6 +184,21 @@ def _register_fakes():
 KERNEL_MAX_ROWS = 8  # more rows than this (prompts, training batches) go through dequantise + F.linear
 
 
+class DequantizedLinear(torch.autograd.Function):
+    """F.linear through a QuantLinear's weight, dequantised in forward and again in backward, so that only the
+    low-precision weight is kept for backward, not a float copy of it (QLoRA's memory saving; bitsandbytes'
+    MatMul4Bit does the same). The weight is frozen: only the input gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, x, layer, bias):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.layer.dequantize(grad.dtype), None, None
+
+
 class QuantLinear(nn.Module):
     """A frozen linear layer with a low-precision weight (`qweight`, plus `scale` or `absmax` buffers); it has no
     parameters, so nothing in it trains (LoRA adapters go around it: lora.py).
@@ -253,7 +268,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         if not self.uses_kernel(x):
-            return F.linear(x, self.dequantize(x.dtype), bias)
+            return DequantizedLinear.apply(x, self, bias)
         rows = x.reshape(-1, self.in_features).contiguous()
         ops = torch.ops.nanollm_quant
         if self.scheme == "int8":

@@ -15,6 +15,9 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 namespace {
 
 float horizontal_sum(__m256 v) {
@@ -89,8 +92,8 @@ at::Tensor half_matvec(const at::Tensor& x, const at::Tensor& w) {
 }
 
 // NF4: codes (N * K / 2) bytes, absmax (N * K / 64); K must be a multiple of 64, so a block never spans two rows.
-// levels: the 16 NF4 values. A code picks its level with two 8-entry table lookups (permutevar8x32), the 4th bit
-// choosing between them; each block's sum is scaled by its absmax once.
+// levels: the 16 NF4 values. A code picks its level with two 8-entry table lookups (permutevar8x32), its 4th bit
+// choosing between them; each block's partial sums are scaled by its absmax once.
 at::Tensor nf4_matvec(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& absmax,
                       const at::Tensor& levels, int64_t N) {
   const int64_t M = x.size(0), K = x.size(1);
@@ -106,11 +109,12 @@ at::Tensor nf4_matvec(const at::Tensor& x, const at::Tensor& codes, const at::Te
   const __m256 high_levels = _mm256_loadu_ps(levels.data_ptr<float>() + 8);
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     const __m128i nibble = _mm_set1_epi8(0x0f);
-    float block[64];
+    std::vector<__m256> acc(M);
     for (int64_t n = begin; n < end; n++) {
-      for (int64_t m = 0; m < M; m++) yp[m * N + n] = 0.0f;
+      std::fill(acc.begin(), acc.end(), _mm256_setzero_ps());
       for (int64_t b = 0; b < K / 64; b++) {
-        // Unpack the block's 64 codes (32 bytes) into its 64 levels: byte j holds weights 2j (high) and 2j + 1.
+        // The block's 64 codes (32 bytes) as 64 levels: byte j holds weights 2j (high nibble) and 2j + 1 (low).
+        __m256 w[8];
         const uint8_t* c = cp + (n * K + b * 64) / 2;
         for (int half = 0; half < 2; half++) {
           __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + 16 * half));
@@ -119,13 +123,22 @@ at::Tensor nf4_matvec(const at::Tensor& x, const at::Tensor& codes, const at::Te
           for (int i = 0; i < 4; i++) {
             __m256i idx = _mm256_cvtepu8_epi32(i % 2 ? _mm_srli_si128(in_order[i / 2], 8) : in_order[i / 2]);
             __m256 is_high = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));  // bit 3 moved to the sign bit
-            __m256 level = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_levels, idx),
-                                            _mm256_permutevar8x32_ps(high_levels, idx), is_high);
-            _mm256_storeu_ps(block + 32 * half + 8 * i, level);
+            w[4 * half + i] = _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_levels, idx),
+                                               _mm256_permutevar8x32_ps(high_levels, idx), is_high);
           }
         }
-        for (int64_t m = 0; m < M; m++) yp[m * N + n] += dot(block, xp + m * K + b * 64, 64) * ap[n * K / 64 + b];
+        const __m256 scale = _mm256_set1_ps(ap[n * K / 64 + b]);
+        for (int64_t m = 0; m < M; m++) {
+          const float* xb = xp + m * K + b * 64;
+          __m256 s0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xb)), s1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xb + 8));
+          for (int i = 2; i < 8; i += 2) {
+            s0 = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(xb + 8 * i), s0);
+            s1 = _mm256_fmadd_ps(w[i + 1], _mm256_loadu_ps(xb + 8 * i + 8), s1);
+          }
+          acc[m] = _mm256_fmadd_ps(_mm256_add_ps(s0, s1), scale, acc[m]);
+        }
       }
+      for (int64_t m = 0; m < M; m++) yp[m * N + n] = horizontal_sum(acc[m]);
     }
   });
   return y;
