@@ -1,7 +1,8 @@
 """Self-contained, atomically written checkpoints.
 
 A checkpoint is a directory (e.g. checkpoint/pretrain/) holding:
-  model.safetensors   the weights (safetensors: loading never unpickles code)
+  model.safetensors   the weights (safetensors: loading never unpickles code; a quantised model records its
+                      scheme in the file's metadata, quant.save_quantized)
   config.json         the ModelConfig
   run.json            stage, step, the checkpoint it started from, the training config
   tokenizer.tiktoken, tokenizer_config.json   the tokenizer, so the directory stands alone
@@ -26,6 +27,7 @@ from configs import ModelConfig
 from fileio import write_json
 
 WEIGHTS = "model.safetensors"
+QUANTIZATION_KEY = "quantization"  # model.safetensors' metadata entry naming a quantised model's scheme (quant.py)
 
 
 def _recover(directory: Path) -> None:
@@ -118,7 +120,7 @@ def saved_quantization(directory) -> dict | None:
         return None
     try:
         with safe_open(path, framework="pt") as f:
-            recorded = (f.metadata() or {}).get("quantization")
+            recorded = (f.metadata() or {}).get(QUANTIZATION_KEY)
     except Exception as e:  # safetensors raises several error types for a damaged file
         raise ValueError(f"{path}: cannot read weights ({e})") from None
     return json.loads(recorded) if recorded else None

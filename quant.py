@@ -27,9 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import QUANTIZATION_KEY, save_checkpoint
+
 SCHEMES = ("int8", "nf4", "fp16", "bf16")
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
-METADATA_KEY = "quantization"  # the safetensors metadata entry of a quantised checkpoint
 
 
 # ----------------------------------------------------------------------------- block-wise absmax quantisation
@@ -341,12 +342,10 @@ def quantization_of(model: nn.Module) -> dict | None:
 
 def save_quantized(directory, model: nn.Module, tokenizer, run_info: dict) -> Path:
     """A checkpoint (checkpoint.save_checkpoint) of a quantised model, its scheme in the safetensors metadata."""
-    from checkpoint import save_checkpoint
-
     info = quantization_of(model)
     if info is None:
         raise ValueError("save_quantized: the model is not quantised (quant.quantize_model first)")
-    return save_checkpoint(directory, model, tokenizer, run_info, weights_metadata={METADATA_KEY: json.dumps(info)})
+    return save_checkpoint(directory, model, tokenizer, run_info, weights_metadata={QUANTIZATION_KEY: json.dumps(info)})
 
 
 def check_scheme(recorded: dict | None, wanted: str | None, source: str) -> None:
