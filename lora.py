@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from checkpoint import check_state_matches, load_run_info, read_tensors, save_checkpoint
 from model import GPT
-from quant import QuantLinear, quantize_model
+from quant import QuantLinear, dequantize_model, quantize_model
 from tokenizer import Tokenizer
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -139,12 +139,11 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the weights and put the plain nn.Linear layers back (in place). A quantised base is
-    dequantised first, so the result is a plain float model."""
+    """Fold the adapters into the weights and put the plain nn.Linear layers back (in place). Quantised layers
+    (QLoRA) are dequantised first, so the result is a plain float model."""
+    dequantize_model(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            if isinstance(module.base, QuantLinear):
-                module.base = module.base.to_linear()
             module.merge()
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)

@@ -318,6 +318,15 @@ def quantize_model(model: nn.Module, scheme: str, head: bool = False, double_qua
     return model
 
 
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Put plain float nn.Linear layers back in place of the QuantLinear ones (in place); returns the model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.to_linear())
+    return model
+
+
 def linear_weight_bytes(model: nn.Module) -> int:
     """Bytes held by the model's linear layers (quantised: what they store), a tied output head included: what
     decoding one token reads (for a Mixture-of-Experts model, every expert is counted)."""

@@ -297,3 +297,12 @@ def test_qlora_adapters_merge_into_the_dequantised_base(tmp_path, tokenizer):
         assert quant.quantization_of(merged) is None
         assert all(isinstance(m, nn.Linear) for n, m in merged.named_modules() if n.endswith("_proj"))
         torch.testing.assert_close(merged(idx), want, rtol=1e-4, atol=1e-4)
+    # Adapters on some layers only: the layers without adapters come back as float layers too.
+    partial = quant.quantize_model(tiny_gpt(), "int8")
+    lora.apply_lora(partial, targets=["v_proj"], r=2, alpha=2)
+    idx = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        want = partial(idx)
+        lora.merge_and_unload(partial)
+        assert quant.quantization_of(partial) is None and not lora.lora_layers(partial)
+        torch.testing.assert_close(partial(idx), want, rtol=1e-5, atol=1e-5)
