@@ -6,21 +6,40 @@ Two implementations of the same maths, picked by `ModelConfig.attn_impl`:
 tests/test_model.py checks that they agree in outputs and gradients.
 """
 
+import copy
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from norms import RMSNorm
+
 
 # ----------------------------------------------------------------------------- RoPE
-def precompute_rope(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def precompute_rope(head_dim: int, max_seq_len: int, theta: float,
+                    scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables of shape (max_seq_len, head_dim) for rotary position embeddings.
 
     Uses the "rotate half" layout of HF Llama: channel i and channel i + head_dim/2 form one rotating pair,
-    both turning at frequency theta^(-2i/head_dim).
+    both turning at frequency theta^(-2i/head_dim). `scaling` stretches the frequencies for contexts longer
+    than the model was trained on (configs.ROPE_SCALING_KEYS):
+    - linear: every frequency / factor, i.e. position p is treated as p / factor;
+    - llama3: wavelengths longer than original_len / low_freq_factor are stretched by factor, those shorter
+      than original_len / high_freq_factor are kept, and the ones between are interpolated smoothly.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    if kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind == "llama3":
+        factor, original = scaling["factor"], scaling["original_max_position_embeddings"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (original / wavelen - low) / (high - low)  # 0 at the long end of the band, 1 at the short end
+        between = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > original / low, inv_freq / factor,
+                               torch.where(wavelen < original / high, inv_freq, between))
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim): the same angle for both halves of a pair
     return angles.cos(), angles.sin()
@@ -55,6 +74,12 @@ def build_attention_mask(q_len: int, k_len: int, device, key_padding: torch.Tens
     if segment_ids is not None:
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     return mask | (k_pos == q_pos)[None, None]
+
+
+def position_mask(positions: torch.Tensor, k_len: int) -> torch.Tensor:
+    """Boolean mask (B, 1, T, k_len) for rows that each sit at their own positions (B, T) in a KV cache: the
+    query at position p sees its row's keys 0..p (continuous batching: every row is another sequence)."""
+    return torch.arange(k_len, device=positions.device) <= positions[:, None, :, None]
 
 
 # ----------------------------------------------------------------------------- the attention maths
@@ -107,9 +132,18 @@ class KVCache:
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
         self.max_len = max_len
         self.pos = 0  # number of positions already stored (the model advances it after each forward)
+        # (B, T) positions of each row's tokens in the current forward, when the rows are sequences of different
+        # lengths (continuous batching, engine.py); None = every row at pos. GPT.forward sets it.
+        self.positions = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (B, H_kv, T, D) at the current position; return all keys and values so far."""
+        if self.positions is not None:  # each row at its own positions
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[layer][rows, :, self.positions] = k.transpose(1, 2)  # row b's tokens at positions[b]
+            self.v[layer][rows, :, self.positions] = v.transpose(1, 2)
+            end = int(self.positions.max()) + 1  # keys up to the furthest row; position_mask hides the rest
+            return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
         end = self.pos + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache full: {end} positions > max_len {self.max_len}")
@@ -117,29 +151,49 @@ class KVCache:
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """The cache of rows start:stop (sequences) only, sharing this one's storage: writes land here too."""
+        view = copy.copy(self)
+        view.k, view.v = [k[start:stop] for k in self.k], [v[start:stop] for v in self.v]
+        return view
+
 
 # ----------------------------------------------------------------------------- the module
 class Attention(nn.Module):
-    """Causal self-attention with RoPE and grouped-query attention (Llama's q/k/v/o projections)."""
+    """Causal self-attention with RoPE and grouped-query attention (Llama's q/k/v/o projections).
+
+    Switches (configs.ModelConfig): `bias` gives every projection a bias (GPT-2), `attn_bias` only q, k and v
+    (Qwen2); `qk_norm` RMS-normalises each query and key head before RoPE (Qwen3). With learned positions
+    (GPT-2) cos and sin are None and no rotation happens here.
+    """
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=config.bias)
-        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.bias)
-        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=config.bias)
+        qkv_bias = config.bias or config.attn_bias
+        self.q_proj = nn.Linear(config.dim, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.dim, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.dim, bias=config.bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
+        self.qk_norm = config.qk_norm
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attend = ATTENTION_IMPLS[config.attn_impl]
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.qk_norm:  # each head's query and key vectors to unit RMS (times a learned gain)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         y = self.attend(q, k, v, mask, self.dropout if self.training else 0.0)

@@ -3,6 +3,7 @@
     python bench.py --preset minimind2-small --batch_size 8 --seq_len 256          # CPU, float32
     python bench.py --preset minimind2 --batch_size 16 --seq_len 1024              # GPU: bf16 autocast
     python bench.py --parts pretrain,generate --hf false --out my.json
+    python bench.py --checkpoint hf:Qwen/Qwen2.5-0.5B-Instruct --batch_size 4 --seq_len 512   # a pretrained model
 
 For the preset and batch shape given, it times training steps (forward, backward, AdamW) of
   pretrain   next-token loss over every token
@@ -13,12 +14,13 @@ For the preset and batch shape given, it times training steps (forward, backward
 and generation at --gen_batch_size: prefill and KV-cache decode tokens/s with `GPT.generate` against HF
 `generate` (greedy), beside the floor of decoding: the bare weight matrix-vector products of one token.
 --quantize int8|nf4|fp16|bf16 decodes with our weights quantised (quant.py), against the same float floor.
-HF's LlamaForCausalLM, built from our weights with `GPT.to_hf_llama`, runs at the same shape in the same
-process, interleaved step by step (who goes first alternates) so that machine noise hits both. Warm-up steps
-are not counted; the median of the timed steps is reported; CUDA timings synchronise. Peak memory is
-measured per implementation and part in a fresh child process (CUDA max allocated; on CPU the peak RSS
-above the process's RSS after imports). MFU = FLOPs per token (`train_flops_per_token`) x tokens/s over the
-device's peak: `--peak_tflops`, else the GPU table, else a large matmul measured here (CPU).
+HF's LlamaForCausalLM (for --checkpoint, the model's own transformers class), built from our weights with
+`hf.to_transformers`, runs at the same shape in the same process, interleaved step by step (who goes first
+alternates) so that machine noise hits both. Warm-up steps are not counted; the median of the timed steps is
+reported; CUDA timings synchronise. Peak memory is measured per implementation and part in a fresh child process
+(CUDA max allocated; on CPU the peak RSS above the process's RSS after imports). MFU = FLOPs per token
+(flops.py) x tokens/s over the device's peak: `--peak_tflops`, else flops.py's GPU table, else a large matmul
+measured here (CPU).
 """
 
 import copy
@@ -27,33 +29,28 @@ import multiprocessing
 import platform
 import statistics
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from configs import ModelConfig, get_config, option, parse_args
+from configs import get_config, option, parse_args
+from devices import autocast, compile_or_eager, peak_rss_bytes, pick_compile, pick_device, pick_dtype
+from flops import device_peak_tflops, train_flops_per_token
+from hf import load_config, to_transformers
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
 from quant import SCHEMES, linear_weight_bytes, quantize_model
-from trainers import pick_compile, pick_device, pick_dtype
 
 PARTS = ("pretrain", "sft", "dpo", "dpo_pre", "generate")
-
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOPS, from the vendors' data sheets; the first name
-# contained in torch.cuda.get_device_name() wins, so the more specific names come first.
-GPU_PEAK_TFLOPS = [
-    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
-    ("A100", 312.0), ("A10G", 70.0), ("A10", 125.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0),
-    ("RTX 6000 Ada", 364.0), ("RTX A6000", 155.0), ("RTX 4090", 165.0), ("RTX 4080", 97.0),
-    ("RTX 3090", 71.0), ("RTX 3080", 59.5), ("V100", 125.0), ("T4", 65.0),  # V100, T4: fp16 (no bf16)
-]
 
 
 @dataclass
 class BenchConfig:
     preset: str = option("model preset (tiny, minimind2-small, minimind2, gpt2-124m)", default="minimind2-small")
+    checkpoint: str = option("benchmark this pretrained model instead of a fresh preset: our checkpoint directory, a "
+                             "Hugging Face model directory or hf:ORG/NAME (its vocabulary replaces --vocab_size)",
+                             default="")
     vocab_size: int = option("vocabulary size (minimind's tokenizer has 6400)", default=6400)
     batch_size: int = option("training rows per step (DPO: pairs, so twice the rows)", default=8)
     seq_len: int = option("tokens per row", default=256)
@@ -77,44 +74,12 @@ class BenchConfig:
     out: str = option("where the JSON results go", default="bench.json")
 
 
-# ----------------------------------------------------------------------------- FLOPs and peak
-def matmul_params(c: ModelConfig) -> int:
-    """Weights that take part in a matrix multiply per token: every projection and the output head
-    (the embedding is a lookup, so a tied embedding is counted once, as the head)."""
-    q = o = c.dim * c.n_heads * c.head_dim
-    k = v = c.dim * c.n_kv_heads * c.head_dim
-    mlp = 3 * c.dim * c.hidden_dim
-    return c.n_layers * (q + k + v + o + mlp) + c.dim * c.vocab_size
-
-
-def train_flops_per_token(c: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token, as in PaLM (Chowdhery et al. 2022, appendix B):
-
-    6 * N for the weight matmuls (2 FLOPs per multiply-add forward, twice that backward), plus
-    12 * n_layers * (n_heads * head_dim) * seq_len for attention (q.k^T and the weighted sum of v, each
-    2 * n_heads * head_dim * seq_len FLOPs per token forward, x3 with backward), over the full sequence,
-    not halved for the causal mask. The real vocabulary counts, not its padding. A forward alone is 1/3.
-    """
-    return 6 * matmul_params(c) + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
-
-
-def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
-    """The device's practical peak: the fastest of reps large square matmuls (a peak, so not the median)."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    times = [timed(lambda: a @ b, device) for _ in range(reps + 1)][1:]
-    return 2 * n ** 3 / min(times) / 1e12
-
-
+# ----------------------------------------------------------------------------- peak
 def device_peak(cfg: BenchConfig, device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    """(peak TFLOPS, where it came from)."""
+    """(peak TFLOPS, where it came from): --peak_tflops, else flops.py's GPU table or measured matmul."""
     if cfg.peak_tflops > 0:
         return cfg.peak_tflops, "--peak_tflops"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, tflops in GPU_PEAK_TFLOPS:
-            if key in name:
-                return tflops, f"table: {name}, dense bf16"
-    return measured_matmul_tflops(device, dtype), f"measured: {dtype_name(dtype)} 2048x2048 matmul on {device.type}"
+    return device_peak_tflops(device, dtype)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -153,14 +118,13 @@ class Runner:
     """One implementation (ours or HF) with its optimizer and, for DPO, a frozen reference copy."""
 
     def __init__(self, name: str, model: torch.nn.Module, cfg: BenchConfig, device, dtype):
-        self.name, self.model, self.device = name, model.to(device), device
-        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+        self.name, self.model, self.device, self.dtype = name, model.to(device), device, dtype
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
         self.forward = model
         self.reference = None
         if name == "ours":
             model.grad_checkpoint = cfg.grad_checkpoint
-            self.forward = compiled_or_eager(model, cfg, device)
+            self.forward = compile_or_eager(model, pick_compile(cfg.compile, device), "ours runs eager")
         elif cfg.grad_checkpoint:
             model.gradient_checkpointing_enable()
 
@@ -172,7 +136,7 @@ class Runner:
     def train_step(self, part: str, batch: dict) -> torch.Tensor:
         """One optimizer step of `part` on batch (input_ids, labels, loss_mask, ref_logps); its loss."""
         self.model.train()
-        with self.autocast:
+        with autocast(self.device, self.dtype):
             logits = self.logits(self.forward, batch["input_ids"])
             if part == "pretrain":
                 loss = lm_loss(logits, batch["labels"])
@@ -194,27 +158,6 @@ class Runner:
         return sequence_logps(self.logits(self.reference, batch["input_ids"]), batch["labels"], batch["loss_mask"])
 
 
-def compiled_or_eager(model, cfg: BenchConfig, device):
-    """torch.compile where asked (auto: CUDA on Linux); if the first call fails, say so and stay eager."""
-    if not pick_compile(cfg.compile, device):
-        return model
-    compiled = torch.compile(model)
-    state = {"fn": None}
-
-    def forward(ids):
-        if state["fn"] is None:
-            try:
-                out = compiled(ids)
-                state["fn"] = compiled
-                return out
-            except Exception as e:
-                print(f"torch.compile failed ({type(e).__name__}); ours runs eager")
-                state["fn"] = model
-        return state["fn"](ids)
-
-    return forward
-
-
 def make_batch(part: str, cfg: BenchConfig, device) -> dict:
     rows = 2 * cfg.batch_size if part.startswith("dpo") else cfg.batch_size
     g = torch.Generator().manual_seed(0)
@@ -228,11 +171,14 @@ def make_batch(part: str, cfg: BenchConfig, device) -> dict:
 
 def build_runners(cfg: BenchConfig, device, dtype, names=("ours", "hf")) -> dict[str, Runner]:
     torch.manual_seed(0)
-    ours = GPT(get_config(cfg.preset, vocab_size=cfg.vocab_size, max_seq_len=max(
-        cfg.seq_len, cfg.prompt_len + cfg.new_tokens, get_config(cfg.preset).max_seq_len)))
+    if cfg.checkpoint:
+        ours = GPT.from_pretrained(cfg.checkpoint)
+    else:
+        ours = GPT(get_config(cfg.preset, vocab_size=cfg.vocab_size, max_seq_len=max(
+            cfg.seq_len, cfg.prompt_len + cfg.new_tokens, get_config(cfg.preset).max_seq_len)))
     runners = {}
     if "hf" in names:
-        runners["hf"] = Runner("hf", ours.to_hf_llama(), cfg, device, dtype)
+        runners["hf"] = Runner("hf", to_transformers(ours), cfg, device, dtype)
     if "ours" in names:
         runners["ours"] = Runner("ours", ours, cfg, device, dtype)
     return {n: runners[n] for n in names}
@@ -247,18 +193,13 @@ def hf_available() -> bool:
 
 
 # ----------------------------------------------------------------------------- memory (child processes)
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field))
-
-
 def memory_probe(cfg_dict: dict, name: str, part: str) -> float:
     """Peak bytes of two training steps of one implementation and part, in this (fresh) process."""
     cfg = BenchConfig(**cfg_dict)
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     hf_available()  # both implementations pay the same imports before the baseline
-    baseline = 0 if device.type == "cuda" else _rss_kb("VmRSS:") * 1024
+    baseline = 0 if device.type == "cuda" else peak_rss_bytes()
     runner = build_runners(cfg, device, dtype, (name,))[name]
     batch = make_batch(part, cfg, device)
     for _ in range(2):
@@ -266,14 +207,13 @@ def memory_probe(cfg_dict: dict, name: str, part: str) -> float:
     sync(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return _rss_kb("VmHWM:") * 1024 - baseline
+    return peak_rss_bytes() - baseline
 
 
 def peak_memory(cfg: BenchConfig, name: str, part: str) -> float | None:
     """Peak MiB of one implementation and part, measured in a fresh process (None where unmeasurable)."""
-    if pick_device(cfg.device).type not in ("cuda", "cpu") or not (torch.cuda.is_available()
-                                                                    or platform.system() == "Linux"):
-        return None  # CUDA has its allocator statistics; on CPU, RSS is read from Linux's /proc
+    if pick_device(cfg.device).type not in ("cuda", "cpu") or peak_rss_bytes() is None:
+        return None  # CUDA has its allocator statistics; on CPU, the peak RSS (not on Windows)
     with multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(memory_probe, (asdict(cfg), name, part)) / 2**20
 
@@ -287,12 +227,11 @@ def weight_matrices(model: GPT, fused: bool) -> list[torch.Tensor]:
         # A MoE layer: the router, the shared experts and the top-k routed experts a token is sent to.
         mlps = ([layer.mlp] if not model.config.use_moe else
                 [*layer.mlp.shared_experts, *layer.mlp.experts[:model.config.num_experts_per_tok]])
-        if fused:
-            mats += [torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), a.o_proj.weight]
-            mats += [w for m in mlps for w in (torch.cat([m.gate_proj.weight, m.up_proj.weight]), m.down_proj.weight)]
-        else:
-            mats += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight]
-            mats += [w for m in mlps for w in (m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight)]
+        qkv = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]
+        mats += ([torch.cat(qkv)] if fused else qkv) + [a.o_proj.weight]
+        for m in mlps:
+            up = [m.gate_proj.weight, m.up_proj.weight] if m.gated else [m.up_proj.weight]  # GPT-2's MLP has no gate
+            mats += ([torch.cat(up)] if fused else up) + [m.down_proj.weight]
         if model.config.use_moe:
             mats.append(layer.mlp.router.weight)
     return mats + [model.lm_head.weight]
@@ -322,10 +261,8 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
     floors = {fused: matvec_pass(runners["ours"].model, cfg.gen_batch_size, device, fused) for fused in (False, True)}
     if cfg.quantize:  # the floor stays the float model's
         quantize_model(runners["ours"].model, cfg.quantize, head=True)
-    if pick_compile(cfg.compile, device):
-        failure = runners["ours"].model.compile_decoding()
-        print(f"torch.compile of the decode step failed ({failure}); ours decodes eagerly" if failure else
-              "ours decodes with a compiled step (GPT.compile_decoding)")
+    if pick_compile(cfg.compile, device) and runners["ours"].model.compile_decoding():
+        print("ours decodes with a compiled step (GPT.compile_decoding)")
     if "hf" in runners:
         gc = runners["hf"].model.generation_config
         gc.eos_token_id, gc.pad_token_id = None, 0
@@ -374,15 +311,19 @@ def main(cfg: BenchConfig) -> dict:
     names = ("ours", "hf") if cfg.hf and hf_available() else ("ours",)
     if cfg.hf and "hf" not in names:
         print("transformers is not installed: measuring ours only")
-    config = get_config(cfg.preset, vocab_size=cfg.vocab_size)
+    if cfg.checkpoint:  # random batches from the checkpoint's vocabulary
+        config = load_config(cfg.checkpoint)
+        cfg = replace(cfg, vocab_size=config.vocab_size)
+    else:
+        config = get_config(cfg.preset, vocab_size=cfg.vocab_size)
     peak, peak_source = device_peak(cfg, device, dtype)
     runners = build_runners(cfg, device, dtype, names)
     flops = train_flops_per_token(config, cfg.seq_len)
     report = {"config": asdict(cfg), "device": device_description(device), "dtype": dtype_name(dtype),
               "torch": torch.__version__, "params": runners["ours"].model.num_params(),
               "train_flops_per_token": flops, "peak_tflops": peak, "peak_source": peak_source, "train": {}}
-    print(f"{cfg.preset}: {report['params'] / 1e6:.1f}M parameters, {report['device']}, {report['dtype']}, "
-          f"batch {cfg.batch_size} x {cfg.seq_len}; peak {peak:.2f} TFLOPS ({peak_source})")
+    print(f"{cfg.checkpoint or cfg.preset}: {report['params'] / 1e6:.1f}M parameters, {report['device']}, "
+          f"{report['dtype']}, batch {cfg.batch_size} x {cfg.seq_len}; peak {peak:.2f} TFLOPS ({peak_source})")
 
     for part in (p for p in parts if p != "generate"):
         batch = make_batch(part, cfg, device)

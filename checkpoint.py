@@ -10,7 +10,9 @@ A checkpoint is a directory (e.g. checkpoint/pretrain/) holding:
   metrics.jsonl       the training log, appended as the run goes
 
 It is written into `<dir>.tmp` and swapped in with renames, so a crash while saving leaves the previous
-checkpoint whole (at worst as `<dir>.old`, which the next load or save puts back).
+checkpoint whole (at worst as `<dir>.old`, which the next load or save puts back). A checkpoint can hold others
+(`best/`, the run's best so far): each save of the outer one moves them into the new directory by a rename, and
+a save that crashes part-way leaves them where the next load or save finds them.
 """
 
 import json
@@ -30,11 +32,25 @@ WEIGHTS = "model.safetensors"
 QUANTIZATION_KEY = "quantization"  # model.safetensors' metadata entry naming a quantised model's scheme (quant.py)
 
 
+def _nested(directory: Path) -> list[Path]:
+    """The checkpoints kept inside a checkpoint directory (best/): its subdirectories, less a save's leftovers."""
+    if not directory.is_dir():
+        return []
+    return [d for d in directory.iterdir() if d.is_dir() and not d.name.endswith((".tmp", ".old"))]
+
+
 def _recover(directory: Path) -> None:
-    """Put back `<dir>.old` if a save crashed between its two renames."""
-    old = directory.with_name(directory.name + ".old")
+    """Undo what a crashed save left: `<dir>.old` if it crashed between its two renames, nested checkpoints
+    already moved into `<dir>.tmp`, and the same inside (a crashed save of `best/`)."""
+    old, tmp = directory.with_name(directory.name + ".old"), directory.with_name(directory.name + ".tmp")
     if not directory.exists() and old.exists():
         os.replace(old, directory)
+    if directory.is_dir():
+        for nested in _nested(tmp):
+            if not (directory / nested.name).exists():
+                os.replace(nested, directory / nested.name)
+        for leftover in directory.glob("*.old"):
+            _recover(leftover.with_name(leftover.name.removesuffix(".old")))
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -55,9 +71,13 @@ def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: di
     (a quantised model's scheme)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    if directory.parent.name:  # saving best/: its enclosing checkpoint first, if a crash left it part-way
+        _recover(directory.parent)
     _recover(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)  # a save that crashed after its swap left it
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     if save_weights:
@@ -73,6 +93,8 @@ def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: di
         torch.save(train_state, tmp / "train_state.pt")
     if (directory / "metrics.jsonl").exists():
         shutil.copy2(directory / "metrics.jsonl", tmp / "metrics.jsonl")
+    for nested in _nested(directory):  # best/ moves into the new directory: a rename, not a copy
+        os.replace(nested, tmp / nested.name)
     if directory.exists():
         os.replace(directory, old)
     os.replace(tmp, directory)
@@ -160,6 +182,22 @@ def load_train_state(directory) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing, so this run cannot be resumed")
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def best_checkpoint(directory) -> Path:
+    """directory/best if the run kept one (its best evaluation), else directory itself."""
+    directory = Path(directory)
+    _recover(directory)
+    best = directory / "best"
+    return best if (best / "config.json").exists() else directory
+
+
+def describe(directory) -> str:
+    """'checkpoint/sft/best (step 300: answer_acc 0.6100, val_loss 1.3100)': which checkpoint, and how good."""
+    info = load_run_info(directory)
+    metrics = info.get("metrics", {})
+    scores = ", ".join(f"{k} {metrics[k]:.4f}" for k in ("answer_acc", "val_loss") if k in metrics)
+    return f"{directory} (step {info.get('step')}{': ' + scores if scores else ''})"
 
 
 def latest_checkpoint(root="checkpoint", stages: tuple[str, ...] | None = None) -> Path | None:

@@ -1,4 +1,8 @@
-"""Training data: random windows from the prepared token files, chat records and preference pairs."""
+"""Training data: random windows from the prepared token files, chat records and preference pairs.
+
+Chats and preference pairs are tokenised once into a cache beside their file (tokencache.py) and read from it a
+batch at a time, so a file of any size trains in the memory of a batch.
+"""
 
 import json
 import re
@@ -7,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+from tokencache import TokenRows, cache_dir, is_complete, write_rows
+from tokenizer import CHAT_ROLES
 
 
 class WindowSampler:
@@ -53,7 +61,10 @@ class PretrainDataset:
         if len(self.tokens) <= seq_len + 1:
             raise ValueError(f"{path}: {len(self.tokens)} tokens, too few for sequences of {seq_len}")
         self.seq_len = seq_len
-        self.meta = meta
+
+    def __len__(self) -> int:
+        """Windows in one pass over the tokens (what --epochs counts)."""
+        return len(self.tokens) // self.seq_len
 
     def sampler(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> WindowSampler:
         return WindowSampler(len(self.tokens), self.seq_len + 1, batch_size, seed, rank, world)
@@ -64,17 +75,20 @@ class PretrainDataset:
         rows = torch.from_numpy(rows)
         return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
 
+    def eval_batches(self, batch_size: int, n_batches: int, rank: int = 0, world: int = 1):
+        """n_batches random batches, the same at every call (seed 0); under DDP each rank takes its share."""
+        sampler = self.sampler(batch_size, seed=0, rank=rank, world=world)
+        for _ in range(n_batches):
+            yield self.batch(sampler.next())
+
 
 # ----------------------------------------------------------------------------- chat data
-ROLES = ("system", "user", "assistant")
-
-
 class DataError(ValueError):
     """A bad record; the message names the file and line (`data.jsonl:17: ...`)."""
 
 
-def read_jsonl(path, on_error=None) -> Iterator[tuple[str, dict]]:
-    """Yield (where, record) for each non-empty line, where = "file:line" for error messages.
+def read_jsonl(path, on_error=None) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, record) for each non-empty line; errors name "file:line".
 
     A bad line raises a DataError, or is passed to on_error(error) and skipped if on_error is given.
     """
@@ -94,7 +108,7 @@ def read_jsonl(path, on_error=None) -> Iterator[tuple[str, dict]]:
                 error = DataError(f"{where}: not valid JSON ({e.msg})")
             else:
                 if isinstance(record, dict):
-                    yield where, record
+                    yield line_no, record
                     continue
                 error = DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             if on_error is None:
@@ -120,7 +134,7 @@ def check_messages(messages, where: str, field_name: str = "conversations") -> l
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str):
             raise DataError(f"{where}: {field_name}[{i}] needs a string 'content'")
-        if m.get("role") not in ROLES:
+        if m.get("role") not in CHAT_ROLES:
             raise DataError(f"{where}: {field_name}[{i}] has unknown role {m.get('role')!r}")
         if m["role"] == "assistant" and not m["content"].strip():
             raise DataError(f"{where}: {field_name}[{i}] is an empty assistant turn")
@@ -170,44 +184,106 @@ def to_messages(record: dict, where: str) -> list[dict]:
     return check_messages(messages, where, "response")
 
 
-# ----------------------------------------------------------------------------- supervised fine-tuning
-def load_chats(source: str, skip_bad_rows: bool = False, hf_data_files: str = "",
-               hf_split: str = "train") -> tuple[list[list[dict]], int]:
-    """(chats as message lists, number of rows skipped) from a .jsonl file or an `hf:<dataset>`.
+# ----------------------------------------------------------------------------- reading and caching records
+def where_prefix(source: str) -> str:
+    """How messages name a record, less its number: "file:" (then the line), or "<dataset>:row " for hf:."""
+    return f"{source[3:]}:row " if source.startswith("hf:") else f"{Path(source)}:"
 
-    A malformed row raises a DataError naming its file and line (its row number for hf:), or with
-    skip_bad_rows is skipped and counted: never dropped silently.
-    """
-    reject = BadRows(skip_bad_rows)
+
+def iter_records(source: str, on_error=None, hf_data_files: str = "",
+                 hf_split: str = "train") -> Iterator[tuple[int, dict]]:
+    """(line number, record) of a .jsonl file, or (row number, record) of an hf:<dataset>, both streamed."""
     if source.startswith("hf:"):
         from datasets import load_dataset  # imported here: slow to import and only needed for this source
 
-        name = source[3:]
-        rows = ((f"{name}:row {i}", dict(r)) for i, r in
-                enumerate(load_dataset(name, data_files=hf_data_files or None, split=hf_split)))
+        rows = load_dataset(source[3:], data_files=hf_data_files or None, split=hf_split, streaming=True)
+        for i, row in enumerate(rows):
+            yield i, dict(row)
     else:
-        rows = read_jsonl(source, on_error=reject)
-    chats = []
-    for where, record in rows:
-        try:
-            chats.append(to_messages(record, where))
-        except DataError as e:
-            reject(e)
-    return chats, reject.count
+        yield from read_jsonl(source, on_error)
 
 
 class BadRows:
     """What to do with a malformed row: raise its DataError, or with skip (--skip_bad_rows) count it and go on."""
 
     def __init__(self, skip: bool):
-        self.skip, self.count = skip, 0
+        self.skip, self.count, self.first = skip, 0, None
 
     def __call__(self, error: DataError) -> None:
         if not self.skip:
             raise error
         self.count += 1
+        self.first = self.first or str(error)
 
 
+def load_chats(source: str, skip_bad_rows: bool = False, hf_data_files: str = "", hf_split: str = "train",
+               limit: int | None = None) -> tuple[list[list[dict]], int]:
+    """(the first `limit` chats as message lists, number of rows skipped) of a .jsonl file or an `hf:<dataset>`.
+
+    A malformed row raises a DataError naming its file and line (its row number for hf:), or with
+    skip_bad_rows is skipped and counted: never dropped silently.
+    """
+    reject, chats, where = BadRows(skip_bad_rows), [], where_prefix(source)
+    for number, record in iter_records(source, reject, hf_data_files, hf_split):
+        if len(chats) == limit:
+            break
+        try:
+            chats.append(to_messages(record, f"{where}{number}"))
+        except DataError as e:
+            reject(e)
+    return chats, reject.count
+
+
+def tokenized(source: str, tokenizer, kind: str, encode, skip_bad_rows: bool = False, hf_data_files: str = "",
+              hf_split: str = "train") -> TokenRows:
+    """The token cache of `source`, built on first use; encode(tokenizer, record, where) gives a record's rows.
+
+    Malformed rows are handled as load_chats does; a cache built while skipping them remembers the first, so
+    that a later run without --skip_bad_rows stops at it as if it read the file.
+    """
+    directory = cache_dir(source, tokenizer, kind, hf_data_files, hf_split)
+    if not is_complete(directory):
+        reject, where = BadRows(skip_bad_rows), where_prefix(source)
+
+        def rows():
+            for number, record in tqdm(iter_records(source, reject, hf_data_files, hf_split),
+                                       desc=f"tokenising {source} (once)", unit=" rows", mininterval=5):
+                try:
+                    encoded = encode(tokenizer, record, f"{where}{number}")
+                except DataError as e:
+                    reject(e)
+                    continue
+                for ids, mask in encoded:
+                    yield number, ids, mask
+
+        write_rows(directory, rows(), tokenizer.vocab_size,
+                   lambda: {"kind": kind, "source": source, "skipped": reject.count, "first_error": reject.first})
+    rows = TokenRows(directory)
+    if rows.meta["skipped"] and not skip_bad_rows:
+        raise DataError(rows.meta["first_error"])
+    return rows
+
+
+class RowDataset:
+    """Rows of a token cache (chats or preference pairs): `index` lists the rows kept, `batch(indices)` (the
+    subclass's) stacks some of them, and RowSampler draws them."""
+
+    index: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def sampler(self, seed: int, rank: int = 0, world: int = 1) -> "RowSampler":
+        return RowSampler(len(self), seed, rank, world)
+
+    def eval_batches(self, batch_size: int, n_batches: int, rank: int = 0, world: int = 1):
+        """The first n_batches * batch_size rows, in batches: the same at every call and on every rank."""
+        n = min(len(self), n_batches * batch_size)
+        for start in range(0, n, batch_size):
+            yield self.batch(list(range(start, min(n, start + batch_size))))
+
+
+# ----------------------------------------------------------------------------- supervised fine-tuning
 def shift_chat(ids: list[int], mask: list[int], max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """input_ids, labels and loss_mask (each of length <= max_len) of one tokenised chat.
 
@@ -269,43 +345,46 @@ class RowSampler:
         self.position = int(state["position"])
 
 
-class SFTDataset:
-    """Tokenised chats for supervised fine-tuning, batched by padding or by packing."""
+def encode_chat(tokenizer, record: dict, where: str) -> list[tuple[list[int], list[int]]]:
+    """A chat record's one cached row: its ChatML ids and assistant mask."""
+    return [tokenizer.apply_chat_template(to_messages(record, where), return_assistant_mask=True)]
 
-    def __init__(self, chats: list[list[dict]], tokenizer, seq_len: int, drop_long: bool = False):
+
+class SFTDataset(RowDataset):
+    """Chats for supervised fine-tuning (a .jsonl file or hf:<dataset>, through its token cache), batched by
+    padding or by packing."""
+
+    def __init__(self, source: str, tokenizer, seq_len: int, drop_long: bool = False, skip_bad_rows: bool = False,
+                 hf_data_files: str = "", hf_split: str = "train"):
         self.seq_len, self.pad_id = seq_len, tokenizer.pad_id
-        self.examples = []
-        self.n_truncated = self.n_dropped = 0
-        for messages in chats:
-            ids, mask = tokenizer.apply_chat_template(messages, return_assistant_mask=True)
-            example = shift_chat(ids, mask, seq_len)
-            too_long = len(ids) > seq_len + 1
-            # A cut that leaves no assistant token would train on nothing: drop it, counted.
-            if (too_long and drop_long) or not example[2].any():
-                self.n_dropped += 1
-                continue
-            self.n_truncated += too_long
-            self.examples.append(example)
-        if not self.examples:
-            raise ValueError(f"no chat has an assistant token within seq_len={seq_len}")
-
-    def __len__(self) -> int:
-        return len(self.examples)
+        self.rows = tokenized(source, tokenizer, "chats", encode_chat, skip_bad_rows, hf_data_files, hf_split)
+        lengths, first = self.rows.lengths(), np.asarray(self.rows.first_trained)
+        too_long = lengths > seq_len + 1
+        # A cut that leaves no assistant token would train on nothing: drop it, counted.
+        keep = (first <= seq_len) & (first < lengths) & ~(too_long & drop_long)
+        self.index = np.flatnonzero(keep)
+        self.n_dropped, self.n_truncated = len(keep) - len(self.index), int((too_long & keep).sum())
+        self.n_skipped = self.rows.meta["skipped"]
+        self.n_tokens = int(np.minimum(lengths[keep] - 1, seq_len).sum())  # input tokens of one epoch
+        if not len(self.index):
+            raise ValueError(f"{source}: no chat has an assistant token within seq_len={seq_len}")
 
     def summary(self) -> str:
-        return (f"{len(self)} chats ({self.n_truncated} truncated to {self.seq_len} tokens, "
-                f"{self.n_dropped} dropped as too long)")
+        return (f"{len(self)} chats ({self.n_truncated} truncated to {self.seq_len} tokens, {self.n_dropped} dropped "
+                f"as too long" + (f", {self.n_skipped} malformed rows skipped" if self.n_skipped else "") + ")")
 
-    def sampler(self, seed: int, rank: int = 0, world: int = 1) -> RowSampler:
-        return RowSampler(len(self), seed, rank, world)
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """input_ids, labels and loss_mask of chat i (shift_chat, cut to seq_len)."""
+        return shift_chat(*self.rows.row(int(self.index[i])), self.seq_len)
 
-    def padded_batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def batch(self, indices) -> dict[str, torch.Tensor]:
         """One chat per row, right-padded: input_ids, labels, loss_mask (B, T).
 
         T is the longest chat rounded up to a multiple of 64 (few distinct shapes for torch.compile).
         """
-        longest = max(len(self.examples[i][0]) for i in indices)
-        return pad_right([self.examples[i] for i in indices], min(self.seq_len, 64 * -(-longest // 64)), self.pad_id)
+        examples = [self.example(i) for i in indices]
+        longest = max(len(e[0]) for e in examples)
+        return pad_right(examples, min(self.seq_len, 64 * -(-longest // 64)), self.pad_id)
 
     def packed_batch(self, sampler: RowSampler, batch_size: int) -> dict[str, torch.Tensor]:
         """batch_size rows of seq_len tokens, each filled with whole chats in sampler order.
@@ -321,7 +400,7 @@ class SFTDataset:
                  "segment_ids": torch.zeros((batch_size, T), dtype=torch.long)}
         row, used, segment = 0, 0, 0
         while True:
-            example = self.examples[sampler.peek()]
+            example = self.example(sampler.peek())
             n = len(example[0])
             if used + n > T:
                 row, used = row + 1, 0
@@ -411,68 +490,86 @@ def to_preference(record: dict, where: str) -> tuple[list[dict], list[dict], lis
     return _split_shared_prefix(chosen, rejected, where)
 
 
-def encode_preference(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict], max_tokens: int):
-    """Token ids and response masks of the chosen and rejected sequences, at most max_tokens each.
+def tokenize_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict]):
+    """(prompt ids, (chosen ids, mask), (rejected ids, mask)): each reply's tokens after the shared prompt.
 
-    Both share the prompt. Too long a pair loses prompt tokens first, from the left (the question at the end
-    of a prompt is kept), so that the replies keep their ends; only a reply longer than max_tokens on its own
-    is cut at the end. Returns ((chosen_ids, chosen_mask), (rejected_ids, rejected_mask), truncated).
+    The template encodes each message on its own, so the prompt's tokens are a prefix of both conversations.
     """
     prompt_ids = tokenizer.apply_chat_template(prompt)
     replies = []
     for reply in (chosen, rejected):
         ids, mask = tokenizer.apply_chat_template(prompt + reply, return_assistant_mask=True)
-        # The template encodes each message on its own, so the prompt's tokens are a prefix of both.
+        if ids[:len(prompt_ids)] != prompt_ids:  # a model's own template (hf.py) might not
+            raise ValueError("the chat template writes the prompt differently once a reply follows, so the reply "
+                             "cannot be cut off it")
         replies.append((ids[len(prompt_ids):], mask[len(prompt_ids):]))
-    longest = max(len(ids) for ids, _ in replies)
-    keep_prompt = max(0, min(len(prompt_ids), max_tokens - longest))
-    kept_prompt = prompt_ids[len(prompt_ids) - keep_prompt:]
-    out = tuple(((kept_prompt + ids)[:max_tokens], ([0] * keep_prompt + mask)[:max_tokens]) for ids, mask in replies)
-    return out[0], out[1], keep_prompt < len(prompt_ids) or longest + keep_prompt > max_tokens
+    return prompt_ids, replies[0], replies[1]
 
 
-class PreferenceDataset:
-    """Preference pairs from a JSONL file, tokenised once. A batch stacks all chosen rows, then all rejected rows.
+def truncate_pair(prompt_ids, chosen, rejected, max_tokens: int):
+    """The chosen and rejected sequences (prompt, then reply) with their response masks, at most max_tokens each.
+
+    Too long a pair loses prompt tokens first, from the left (the question at the end of a prompt is kept), so
+    that the replies keep their ends; only a reply longer than max_tokens on its own is cut at the end.
+    Returns ((chosen_ids, chosen_mask), (rejected_ids, rejected_mask), truncated) as int64 arrays.
+    """
+    longest = max(len(chosen[0]), len(rejected[0]))
+    keep = max(0, min(len(prompt_ids), max_tokens - longest))
+    kept = np.asarray(prompt_ids[len(prompt_ids) - keep:], dtype=np.int64)
+    out = tuple((np.concatenate([kept, np.asarray(ids, dtype=np.int64)])[:max_tokens],
+                 np.concatenate([np.zeros(keep, np.int64), np.asarray(mask, dtype=np.int64)])[:max_tokens])
+                for ids, mask in (chosen, rejected))
+    return out[0], out[1], keep < len(prompt_ids) or longest + keep > max_tokens
+
+
+def encode_preference(tokenizer, record: dict, where: str) -> list[tuple[list[int], list[int]]]:
+    """A preference record's three cached rows: the prompt (mask all 0), the chosen and the rejected reply."""
+    prompt_ids, chosen, rejected = tokenize_pair(tokenizer, *to_preference(record, where))
+    return [(prompt_ids, [0] * len(prompt_ids)), chosen, rejected]
+
+
+class PreferenceDataset(RowDataset):
+    """Preference pairs (a .jsonl file or hf:<dataset>, through its token cache). A batch stacks all chosen rows,
+    then all rejected rows.
 
     Malformed rows raise a DataError naming file and line, or with skip_bad_rows are skipped and counted
-    (`n_skipped`). `reference_logps` (N, 2), once set, is served with the batches (--precompute_ref).
+    (`n_skipped`), as is a pair none of whose reply fits in max_tokens. `reference_logps` (N, 2), once set, is
+    served with the batches (--precompute_ref).
     """
 
-    def __init__(self, path, tokenizer, max_tokens: int, skip_bad_rows: bool = False):
-        self.pad_id = tokenizer.pad_id
-        self.pairs: list[tuple] = []
-        self.n_truncated = 0
-        reject = BadRows(skip_bad_rows)
-        for where, record in read_jsonl(path, on_error=reject):
-            try:
-                chosen, rejected, truncated = encode_preference(tokenizer, *to_preference(record, where),
-                                                                max_tokens + 1)  # +1: inputs and labels overlap
-                if sum(chosen[1][1:]) == 0 or sum(rejected[1][1:]) == 0:
-                    raise DataError(f"{where}: no reply token fits in {max_tokens} tokens; raise --seq_len")
-            except DataError as e:
-                reject(e)
-                continue
-            self.pairs.append((chosen, rejected))
-            self.n_truncated += truncated
-        self.n_skipped = reject.count
-        if not self.pairs:
-            raise ValueError(f"{path}: no preference pairs")
+    def __init__(self, source: str, tokenizer, max_tokens: int, skip_bad_rows: bool = False,
+                 hf_data_files: str = "", hf_split: str = "train"):
+        self.pad_id, self.max_tokens = tokenizer.pad_id, max_tokens + 1  # +1: inputs and labels overlap
+        self.rows = tokenized(source, tokenizer, "preferences", encode_preference, skip_bad_rows, hf_data_files,
+                              hf_split)
+        lengths = self.rows.lengths().reshape(-1, 3)  # prompt, chosen, rejected
+        first = np.asarray(self.rows.first_trained).reshape(-1, 3)[:, 1:]
+        longest = lengths[:, 1:].max(1)
+        keep = np.clip(self.max_tokens - longest, 0, lengths[:, 0])  # prompt tokens kept (truncate_pair)
+        fits = (keep[:, None] + first < self.max_tokens).all(1)  # each reply has a token among the labels
+        if not skip_bad_rows and not fits.all():
+            where = f"{where_prefix(source)}{self.rows.lines[3 * np.flatnonzero(~fits)[0]]}"
+            raise DataError(f"{where}: no reply token fits in {max_tokens} tokens; raise --seq_len")
+        self.index = np.flatnonzero(fits)
+        self.n_skipped = self.rows.meta["skipped"] + int((~fits).sum())
+        self.n_truncated = int(((keep < lengths[:, 0]) | (longest + keep > self.max_tokens))[fits].sum())
+        if not len(self.index):
+            raise ValueError(f"{source}: no preference pairs")
         self.reference_logps: torch.Tensor | None = None
 
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def sampler(self, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> WindowSampler:
-        """Random pair indices (windows of length 0 over the pairs), resumable like the pretraining sampler."""
-        return WindowSampler(len(self.pairs), 0, batch_size, seed, rank, world)
+    def pair(self, i: int):
+        """((chosen ids, mask), (rejected ids, mask)) of pair i, as truncate_pair cuts them."""
+        k = 3 * int(self.index[i])
+        prompt, chosen, rejected = (self.rows.row(k + j) for j in range(3))
+        return truncate_pair(prompt[0], chosen, rejected, self.max_tokens)[:2]
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """input_ids, labels, loss_mask (2B, T): rows [0, B) chosen, [B, 2B) rejected, right-padded.
 
         Right padding needs no attention mask in a causal model: no real token attends to a later one.
         """
-        rows = [shift_chat(ids, mask, len(ids)) for ids, mask in
-                [self.pairs[i][0] for i in indices] + [self.pairs[i][1] for i in indices]]
+        pairs = [self.pair(i) for i in indices]
+        rows = [shift_chat(ids, mask, len(ids)) for ids, mask in [p[0] for p in pairs] + [p[1] for p in pairs]]
         batch = pad_right(rows, max(len(ids) for ids, _, _ in rows), self.pad_id)
         if self.reference_logps is not None:
             batch["reference_logps"] = self.reference_logps[torch.as_tensor(indices)].T.reshape(-1)

@@ -1,6 +1,6 @@
 """Talk to a trained model: the reply streams token by token, and every session is saved as it goes.
 
-    python demo.py                                  # the newest checkpoint under checkpoint/
+    python demo.py                                  # the newest run under checkpoint/ (its best model)
     python demo.py --checkpoint checkpoint/sft --top_p 0.95 --system "You tell stories to children."
     python demo.py --prompt "Who is Lily?"          # answer one prompt and exit (for scripts)
 
@@ -11,7 +11,6 @@ Each session is written, turn by turn, to OUTPUT_DIR/<timestamp>/: transcript.md
 with one record per turn (prompt, reply, sampling settings, checkpoint, token counts, speed).
 """
 
-import codecs
 import itertools
 import json
 import os
@@ -22,20 +21,22 @@ from pathlib import Path
 
 import torch
 
-import lora
-from checkpoint import latest_checkpoint, load_run_info
-from configs import option, parse_args
-from model import GPT
-from tokenizer import Tokenizer
-from trainers import pick_compile, pick_device, pick_dtype
+from configs import PRESETS, ModelConfig, option, parse_args
+from devices import pick_compile, pick_device, pick_dtype
+from pretrained import find_checkpoint, load_checkpoint
+from tokenizer import StreamDecoder, Tokenizer
 
-TRAIN_FIRST = "python train_pretrain.py (then python train_sft.py for a chat model)"
 HELP = "commands: /reset forgets the conversation, /help shows this, exit or quit (or Ctrl-D) ends the session"
 
 
 @dataclass
 class DemoConfig:
-    checkpoint: str | None = option("checkpoint directory; None = the newest under checkpoint/", default=None)
+    checkpoint: str | None = option("checkpoint directory; None = the newest run under checkpoint/ (its best/ if it "
+                                    "kept one)", default=None)
+    model_type: str | None = option(f"a preset name ({', '.join(PRESETS)}), only checked against the checkpoint: "
+                                    "a checkpoint directory carries its own shape (config.json) and tokenizer, so "
+                                    "no preset is needed to load it, and a bare weights file without them cannot "
+                                    "be loaded (its tokenizer is missing)", default=None)
     mode: str = option("'chat' (ChatML, multi-turn), 'text' (continuation) or 'auto' (from the checkpoint's stage)",
                        default="auto")
     max_new_tokens: int = option("longest reply, in tokens", default=256)
@@ -58,6 +59,7 @@ class DemoConfig:
     def validate(self):
         """One-line ValueErrors for settings that cannot work."""
         checks = [("mode", self.mode in ("auto", "chat", "text"), "must be auto, chat or text"),
+                  ("model_type", self.model_type in (None, *PRESETS), f"must be one of {', '.join(PRESETS)}"),
                   ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
                   ("temperature", self.temperature >= 0, "must be >= 0"),
                   ("top_k", self.top_k is None or self.top_k >= 0, "must be >= 0"),
@@ -74,26 +76,13 @@ def info(message: str):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def load_checkpoint(directory, device) -> tuple[GPT, Tokenizer, str | None]:
-    """(model, tokenizer, the stage that trained it) of a checkpoint or a LoRA adapter directory."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: no such checkpoint directory; make one first: {TRAIN_FIRST}")
-    try:
-        if lora.is_adapter_dir(directory):
-            model, tokenizer = lora.load_lora_checkpoint(directory, device=device)
-        else:
-            model, tokenizer = GPT.from_pretrained(directory, device=device), Tokenizer.from_pretrained(directory)
-        stage = load_run_info(directory).get("stage")
-    except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
-        raise ValueError(f"broken checkpoint: {e}; re-run the training stage that wrote it "
-                         f"(e.g. python train_pretrain.py)") from None
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"{directory}: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
-                         f"{model.config.vocab_size}")
-    if stage is None and lora.is_adapter_dir(directory):
-        stage = "lora"
-    return model, tokenizer, stage
+def check_model_type(preset: str, config: ModelConfig, directory) -> None:
+    """--model_type: a one-line error if the checkpoint is not of that preset's shape."""
+    wrong = [f"{k}={getattr(config, k)} (the preset has {v})" for k, v in PRESETS[preset].items()
+             if k != "vocab_size" and getattr(config, k) != v]
+    if wrong:
+        raise ValueError(f"--model_type {preset}: {directory} is not of that shape: {', '.join(wrong)}; leave "
+                         f"--model_type out, the checkpoint's config.json gives its shape")
 
 
 # ----------------------------------------------------------------------------- prompts and streaming text
@@ -113,25 +102,6 @@ def chat_prompt(tokenizer: Tokenizer, system: str | None, turns: list[tuple[str,
         if len(ids) <= budget:
             break
     return ids, len(turns) - start
-
-
-class StreamDecoder:
-    """Token ids in, text out as soon as it is printable.
-
-    A multi-byte UTF-8 character (Chinese, emoji) is often split over several tokens: its bytes are held
-    back until the character is complete, so a stream never prints half a character as U+FFFD.
-    """
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def push(self, token_id: int) -> str:
-        return self.utf8.decode(self.tokenizer.enc.decode_single_token_bytes(token_id))
-
-    def flush(self) -> str:
-        """Whatever is still held back (invalid bytes become U+FFFD, as in Tokenizer.decode)."""
-        return self.utf8.decode(b"", final=True)
 
 
 # ----------------------------------------------------------------------------- saved sessions
@@ -178,22 +148,14 @@ class Demo:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         compile_decoding = pick_compile(cfg.compile, self.device)  # checks --compile before the checkpoint loads
-        if cfg.checkpoint is None:
-            found = latest_checkpoint("checkpoint")
-            if found is None:
-                raise FileNotFoundError(f"no checkpoint under checkpoint/; train one first: {TRAIN_FIRST}")
-            info(f"checkpoint: {found} (the newest under checkpoint/; --checkpoint DIR picks another)")
-        else:
-            found = Path(cfg.checkpoint)
-            info(f"checkpoint: {found}")
-        self.checkpoint = found
-        model, self.tokenizer, self.stage = load_checkpoint(found, self.device)
+        self.checkpoint = found = find_checkpoint(cfg.checkpoint, log=info)
+        model, self.tokenizer, self.stage = load_checkpoint(found, self.device, log=info)
+        if cfg.model_type is not None:
+            check_model_type(cfg.model_type, model.config, found)
         self.model = model.to(self.device, pick_dtype(cfg.dtype, self.device)).eval()
         if compile_decoding:
             info("compiling the decode step (torch.compile; --compile false skips this) ...")
-            failure = self.model.compile_decoding()
-            if failure:
-                info(f"torch.compile failed ({failure}); decoding eagerly")
+            self.model.compile_decoding(log=info)
         self.mode = cfg.mode if cfg.mode != "auto" else ("text" if self.stage in ("pretrain", None) else "chat")
         if self.mode == "text":
             info(f"text mode: the checkpoint (stage {self.stage or 'unknown'}) has not been trained on the chat "

@@ -18,13 +18,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import check_state_matches, load_run_info, read_tensors, save_checkpoint
+from configs import LORA_TARGETS
 from model import GPT
 from quant import QuantLinear, dequantize_model, quantize_model
 from tokenizer import Tokenizer
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class LoRALinear(nn.Module):
@@ -84,7 +84,7 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+def apply_lora(model: nn.Module, targets=LORA_TARGETS, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                use_rslora: bool = False) -> dict[str, int]:
     """Wrap every nn.Linear (or quantised QuantLinear) named in targets (its name, or its name's last part) and
     freeze all else.
@@ -110,11 +110,6 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, r: int = 8, alpha: flo
     return {"wrapped": len(lora_layers(model)),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total": sum(p.numel() for p in model.parameters())}
-
-
-def set_merged(model: nn.Module, merged: bool) -> None:
-    for layer in lora_layers(model):
-        layer.merge() if merged else layer.unmerge()
 
 
 @contextmanager

@@ -1,9 +1,40 @@
-"""Training losses: the language-model loss and the preference (DPO) losses."""
+"""Training losses: the language-model loss and the preference (DPO) losses.
+
+Both take the log-softmax of the logits in float32 (with bf16/fp16 logits the log-sum-exp over the vocabulary
+loses precision). That float32 copy is the largest tensor of a step at a large vocabulary (16 x 1024 positions
+x 50k tokens = 3.3 GB, and as much again for its log-softmax and its gradient), so when the logits are larger than
+LOGITS_CHUNK values it is made one chunk of positions at a time, each chunk recomputed in the backward pass
+(activation checkpointing): the float32 tensors then never exist for the whole sequence.
+"""
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+LOGITS_CHUNK = 2**25  # values of a float32 chunk (128 MiB); smaller logits are taken in one piece
+
+
+def chunk_sum(fn, logits: torch.Tensor, *aligned: torch.Tensor) -> torch.Tensor:
+    """fn(logits, *aligned) summed over chunks of positions (dim 1) of at most LOGITS_CHUNK logits each.
+
+    fn must be a sum over positions. Under autograd each chunk is checkpointed: its float32 intermediates are
+    freed after its forward and recomputed for its backward, so they exist one chunk at a time.
+    """
+    batch, length, vocab = logits.shape
+    step = max(1, LOGITS_CHUNK // (batch * vocab))
+    if step >= length:
+        return fn(logits, *aligned)
+    total = 0
+    # split, not slices: one backward node gathers the chunks' gradients (a slice's would be a whole-size tensor)
+    for pieces in zip(*(t.split(step, dim=1) for t in (logits, *aligned))):
+        total = total + (checkpoint(fn, *pieces, use_reentrant=False) if logits.requires_grad else fn(*pieces))
+    return total
+
+
+def _cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -15,9 +46,16 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor
     """
     if loss_mask is not None:
         targets = targets.masked_fill(loss_mask == 0, IGNORE_INDEX)
-    # Cross entropy in float32: with bf16/fp16 logits the log-sum-exp over the vocabulary loses precision.
-    return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    if logits.numel() <= LOGITS_CHUNK:  # one piece: the mean directly
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+    return chunk_sum(_cross_entropy_sum, logits, targets) / (targets != IGNORE_INDEX).sum()
+
+
+def _masked_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    # cross_entropy is log_softmax + gather in one kernel, without keeping a (B, T, V) log-prob tensor.
+    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+    return (token_logps * loss_mask).sum(-1)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -26,10 +64,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.
     Labels are aligned with the logits as in lm_loss. Masked positions (prompt, padding) add exactly 0:
     their label is replaced by a valid id before the gather and their term is zeroed, not just down-weighted.
     """
-    safe_labels = labels.masked_fill(loss_mask == 0, 0)
-    # cross_entropy is log_softmax + gather in one kernel, without keeping a (B, T, V) log-prob tensor.
-    token_logps = -F.cross_entropy(logits.float().transpose(1, 2), safe_labels, reduction="none")
-    return (token_logps * loss_mask).sum(-1)
+    return chunk_sum(_masked_logps, logits, labels.masked_fill(loss_mask == 0, 0), loss_mask)
 
 
 DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")

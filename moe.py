@@ -10,13 +10,13 @@ every token to the same few experts; the Trainer collects it with `collect_moe_s
 """
 
 import math
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 
 from configs import ModelConfig
-from model import MLP
 
 
 def load_balancing_loss(scores: torch.Tensor, experts: torch.Tensor, groups: int) -> torch.Tensor:
@@ -75,14 +75,17 @@ def collect_moe_stats(model: nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed top-k SwiGLU experts plus always-on shared experts; a drop-in replacement for MLP."""
+    """Routed top-k experts plus always-on shared experts; a drop-in replacement for the model's MLP.
 
-    def __init__(self, config: ModelConfig):
+    `expert` builds one expert from the config: model.py passes its SwiGLU `MLP` class.
+    """
+
+    def __init__(self, config: ModelConfig, expert: Callable[[ModelConfig], nn.Module]):
         super().__init__()
         self.config = config
         self.router = nn.Linear(config.dim, config.n_routed_experts, bias=False)
-        self.experts = nn.ModuleList(MLP(config) for _ in range(config.n_routed_experts))
-        self.shared_experts = nn.ModuleList(MLP(config) for _ in range(config.n_shared_experts))
+        self.experts = nn.ModuleList(expert(config) for _ in range(config.n_routed_experts))
+        self.shared_experts = nn.ModuleList(expert(config) for _ in range(config.n_shared_experts))
         self.stats: MoEStats | None = None  # set by collect_moe_stats
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import dataset
-from configs import parse_args
+from configs import DEFAULT_DATA_DIR, parse_args
 from fileio import write_json
 from storyworld import write_default_dataset
 from tokenizer import Tokenizer
@@ -87,8 +87,8 @@ def read_txt(path, separator: str = "blankline", chunk_chars: int = 1 << 20) -> 
 
 def read_jsonl(path, text_field: str = "text") -> Iterator[str]:
     """The `text_field` of every line of a JSON Lines file; errors name the file and line."""
-    for where, row in dataset.read_jsonl(path):
-        yield dataset.text_field(row, text_field, where)
+    for line, row in dataset.read_jsonl(path):
+        yield dataset.text_field(row, text_field, f"{path}:{line}")
 
 
 def read_parquet(path, text_field: str = "text", batch_rows: int = 1024) -> Iterator[str]:
@@ -235,7 +235,7 @@ def write_token_files(docs: Iterable[str], flags: Iterable[bool], tok: Tokenizer
 def default_out_dir(source: str, hf_data_files: str = "") -> Path:
     """data/<name>: storyworld, the file's stem, or the dataset's name (plus the data file's stem)."""
     if source == "storyworld":
-        return Path("data/storyworld")
+        return Path(DEFAULT_DATA_DIR)
     if source.startswith("hf:"):
         name = source.rstrip("/").split("/")[-1].removeprefix("hf:")
         return Path("data") / (f"{name}_{Path(hf_data_files).stem}" if hf_data_files else name)
@@ -280,13 +280,15 @@ def prepare(cfg: PrepareConfig) -> Path:
     return out_dir
 
 
-def ensure_default_data(data_dir="data/storyworld") -> Path:
-    """Prepare the default StoryWorld data in `data_dir` unless it is already there (train.bin and meta.json)."""
+def data_path(data_dir, name: str = "") -> Path:
+    """data_dir/name. The default directory (StoryWorld) is prepared here on first use, the one place that
+    does it; other data directories come from `python prepare.py`."""
     data_dir = Path(data_dir)
-    if not ((data_dir / "train.bin").exists() and (data_dir / "meta.json").exists()):
+    if data_dir == Path(DEFAULT_DATA_DIR) and not ((data_dir / "train.bin").exists()
+                                                    and (data_dir / "meta.json").exists()):
         print(f"preparing the default StoryWorld data set in {data_dir} (first run only)")
         prepare(PrepareConfig(out_dir=str(data_dir)))
-    return data_dir
+    return data_dir / name
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ drawn from the pools below (names, pets, objects and colours, places, foods, ...
 sentences. The random entities make a corpus that a model must learn the language and the story logic of, rather
 than the stories by heart. Every story also records its facts (who the hero is, what was found, ...), so each
 later stage has a measurable target: the answer to a question about a story is a fixed sentence whose key words
-are copied from the story, scored by exact match (`answer_matches`).
+are copied from the story, scored by exact match (`evals.answer_matches`).
 """
 
 from __future__ import annotations
@@ -542,18 +542,6 @@ def generate_preference_pairs(n: int, seed: int) -> list[dict]:
     possible), sometimes an unhelpful reply; `fact` names the question's fact and `value` is the right entity.
     """
     return [pair for _, pair in islice(_iter_pairs(seed), n)]
-
-
-_FINAL_PUNCTUATION = ".!?,;:。！？，；：…\"'“”‘’ "
-
-
-def answer_matches(reply: str, expected: str) -> bool:
-    """Exact match up to whitespace, case and final punctuation: 'lily found a red ball' == 'Lily found a red ball.'"""
-
-    def normalise(text: str) -> str:
-        return " ".join(text.split()).lower().rstrip(_FINAL_PUNCTUATION)
-
-    return normalise(reply) == normalise(expected)
 
 
 def _take_unseen(items: Iterator[tuple[str, dict]], n: int, seen: set[str]) -> list[dict]:

@@ -9,8 +9,9 @@ validation pairs and the answer accuracy on held-out chats (sft_val.jsonl) befor
 by --help.
 """
 
-from configs import DPOConfig
+from configs import DPOConfig, parse_train_args
 from trainers import DPOTrainer, run_stage
 
 if __name__ == "__main__":
-    run_stage(DPOTrainer, DPOConfig, description=__doc__)
+    cfg, model_overrides = parse_train_args(DPOConfig, description=__doc__)
+    run_stage(DPOTrainer, cfg, model_overrides)

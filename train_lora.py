@@ -6,25 +6,18 @@ embedded StoryWorld chats and saves only the adapters (a few MB) to checkpoint/l
 Every flag is listed by --help (the LoRA ones start with lora_).
 """
 
-import sys
-
 import lora
-from configs import LoRAConfig, parse_train_args
-from train_sft import main as sft_main
-from trainers import LoRATrainer
-
-
-def main(argv=None):
-    cfg, _ = parse_train_args(LoRAConfig, argv, __doc__)
-    if cfg.export_merged:
-        try:
-            out = lora.export_merged(cfg.out_dir or "checkpoint/lora", cfg.export_merged)
-        except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"error: {e}")
-        print(f"saved {out}: the adapters folded into their base weights")
-        return
-    sft_main(LoRATrainer, LoRAConfig, __doc__, argv)
-
+from configs import LoRAConfig, exit_on_bad_input, parse_train_args
+from trainers import LoRATrainer, run_stage
 
 if __name__ == "__main__":
-    main()
+    cfg, model_overrides = parse_train_args(LoRAConfig, description=__doc__)
+    if cfg.export_merged:
+        with exit_on_bad_input():
+            out = lora.export_merged(cfg.out_dir or "checkpoint/lora", cfg.export_merged)
+        print(f"saved {out}: the adapters folded into their base weights")
+    elif cfg.show_mask:
+        with exit_on_bad_input():
+            print(LoRATrainer.show_mask(cfg))
+    else:
+        run_stage(LoRATrainer, cfg, model_overrides)

@@ -5,7 +5,9 @@ With no arguments it prepares the embedded story data set if needed, trains the 
 Multi-GPU: torchrun --nproc_per_node N train_pretrain.py
 """
 
+from configs import TrainConfig, parse_train_args
 from trainers import PretrainTrainer, run_stage
 
 if __name__ == "__main__":
-    run_stage(PretrainTrainer, description=__doc__)
+    cfg, model_overrides = parse_train_args(TrainConfig, description=__doc__)
+    run_stage(PretrainTrainer, cfg, model_overrides)

@@ -4,37 +4,9 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-import checkpoint
-from configs import ModelConfig
-from model import GPT
+from tests.helpers import make_chats, make_checkpoint, sample_text, write_jsonl
 from tokenizer import Tokenizer
-
-
-def crash_during_step(trainer, step: int, error: BaseException) -> None:
-    """Make trainer raise `error` while drawing the first micro-batch of optimizer step `step` (0-based),
-    as a crash or a Ctrl-C in the middle of training would (grad_accum 1)."""
-    original, calls = trainer.next_batch, {"n": 0}
-
-    def next_batch():
-        calls["n"] += 1
-        if calls["n"] == step + 1:
-            raise error
-        return original()
-
-    trainer.next_batch = next_batch
-
-
-# A small model so a training test runs in about a second on 2 CPU cores.
-TINY_MODEL = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=32)
-
-
-def sample_text(n: int = 400, seed: int = 0) -> list[str]:
-    """Simple repetitive sentences: learnable in a few dozen steps."""
-    rng = np.random.default_rng(seed)
-    names, things = ["Tom", "Mia", "Ben", "Lily"], ["ball", "cat", "kite", "cake"]
-    return [f"{rng.choice(names)} has a {rng.choice(things)}. The {rng.choice(things)} is red." for _ in range(n)]
 
 
 @pytest.fixture(scope="session")
@@ -56,33 +28,18 @@ def data_dir(tmp_path_factory, tokenizer):
     return d
 
 
-# ----------------------------------------------------------------------------- fine-tuning fixtures
-SFT_MODEL = {**TINY_MODEL, "max_seq_len": 64}
-NAMES, THINGS = ["Tom", "Mia", "Ben", "Lily"], ["ball", "cat", "kite", "cake"]
-
-
-def make_chats(n: int, seed: int) -> list[dict]:
-    """Learnable chats: the answer repeats the thing named in the question."""
-    rng = np.random.default_rng(seed)
-    chats = []
-    for _ in range(n):
-        name, thing = rng.choice(NAMES), rng.choice(THINGS)
-        chats.append({"conversations": [{"role": "user", "content": f"{name} has a {thing}. What is it?"},
-                                        {"role": "assistant", "content": f"The {thing}."}]})
-    return chats
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture
 def sft_dirs(tmp_path, tokenizer, data_dir):
     """A random-init 'pretrain' checkpoint and train/val chat files."""
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **SFT_MODEL))
-    checkpoint.save_checkpoint(tmp_path / "pretrain", model, tokenizer, {"stage": "pretrain", "step": 0})
+    make_checkpoint(tmp_path / "pretrain", tokenizer, "pretrain")
     write_jsonl(tmp_path / "train.jsonl", make_chats(200, 0))
     write_jsonl(tmp_path / "val.jsonl", make_chats(24, 1))
     return tmp_path
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """Keep the `datasets` library's cache (lock files even when streaming) inside the test's temp dir."""
+    import datasets.config
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))

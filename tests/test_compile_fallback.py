@@ -1,42 +1,68 @@
-"""torch.compile failing on the first step (no compiler, MPS, Windows, old torch) falls back to eager."""
+"""torch.compile failing (no compiler, MPS, Windows, old torch; or a later recompile) falls back to eager."""
 
 import pytest
 import torch
 
-from configs import TrainConfig
-from tests.conftest import TINY_MODEL
-from trainers import PretrainTrainer
+from model import GPT
+from tests.helpers import make_trainer
+
+SHORT = dict(batch_size=2, seq_len=16, max_steps=4, warmup_steps=1, eval_interval=100, eval_iters=1, log_interval=1,
+             grad_accum=2)
+MESSAGE = "torch.compile failed (RuntimeError: InductorError: no working C++ compiler); training in eager mode"
 
 
-def make_trainer(data_dir, tmp_path, compile):
-    cfg = TrainConfig(data_dir=str(data_dir), out_dir=str(tmp_path), preset="tiny", device="cpu", batch_size=2,
-                      seq_len=16, max_steps=2, warmup_steps=1, eval_interval=100, eval_iters=1, log_interval=1,
-                      compile=compile)
-    return PretrainTrainer(cfg, TINY_MODEL)
+class FailBackward(torch.autograd.Function):
+    """Identity whose backward fails: a compiled graph whose backward fails to compile (it compiles lazily)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("InductorError: no working C++ compiler\nlong details")
 
 
-def test_failed_compile_falls_back_to_eager_with_a_message(data_dir, tmp_path, monkeypatch, capsys):
-    class Compiled(torch.nn.Module):  # like torch.compile's module: the failure comes on the first call
+def fake_compile(monkeypatch, fail_at_call: int, in_backward: bool = False):
+    """torch.compile replaced by a module that runs the model, and fails at its fail_at_call-th call."""
+    calls = {"n": 0}
+
+    class Compiled(torch.nn.Module):
         def __init__(self, model):
             super().__init__()
             self.model = model
 
         def forward(self, *args, **kwargs):
-            raise RuntimeError("InductorError: no working C++ compiler\nlong details")
+            calls["n"] += 1
+            if calls["n"] == fail_at_call and not in_backward:
+                raise RuntimeError("InductorError: no working C++ compiler\nlong details")
+            out = self.model(*args, **kwargs)
+            return FailBackward.apply(out) if calls["n"] == fail_at_call else out
 
-    def broken_compile(model, **kwargs):
-        return Compiled(model)
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: Compiled(model))
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
-    trainer = make_trainer(data_dir, tmp_path, compile="true")
+
+def final_weights(trainer):
     trainer.train()
-    assert trainer.step == 2 and not trainer.compiled
-    assert "torch.compile failed (RuntimeError: InductorError: no working C++ compiler); training in eager mode" \
-        in capsys.readouterr().out
+    return GPT.from_pretrained(trainer.out_dir).state_dict()
+
+
+@pytest.mark.parametrize("fail_at_call, in_backward", [(1, False), (6, False), (6, True)])
+def test_failed_compile_falls_back_to_eager_and_trains_the_same(data_dir, tmp_path, monkeypatch, capsys,
+                                                                fail_at_call, in_backward):
+    """At the first call, or in a later step (a recompile): in the forward pass, or in the backward pass of the
+    second micro-batch, after the first one's gradients were added (they must not count twice)."""
+    expected = final_weights(make_trainer(data_dir, tmp_path / "eager", compile="false", **SHORT))
+    fake_compile(monkeypatch, fail_at_call, in_backward)
+    trainer = make_trainer(data_dir, tmp_path / "compiled", compile="true", **SHORT)
+    got = final_weights(trainer)
+    assert trainer.step == 4 and not trainer.run_step.is_compiled
+    assert capsys.readouterr().out.count(MESSAGE) == 1
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6) for k in expected)
 
 
 def test_errors_in_eager_mode_are_not_swallowed(data_dir, tmp_path):
-    trainer = make_trainer(data_dir, tmp_path, compile="false")
+    trainer = make_trainer(data_dir, tmp_path, compile="false", **SHORT)
 
     def broken_loss(model, batch):
         raise RuntimeError("a real bug")

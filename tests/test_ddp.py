@@ -14,7 +14,7 @@ from checkpoint import load_run_info
 from configs import TrainConfig
 from dataset import WindowSampler
 from model import GPT
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 from trainers import PretrainTrainer
 
 # Float32 sums reduced in a different order (gloo's all-reduce vs one batch) differ in the last bits;

@@ -11,16 +11,10 @@ import torch
 import checkpoint
 import demo
 import lora
-from configs import ModelConfig
+from configs import get_config
 from model import GPT
-from tests.conftest import TINY_MODEL
-
-
-def make_checkpoint(directory, tokenizer, stage, max_seq_len=64):
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY_MODEL, "max_seq_len": max_seq_len}))
-    checkpoint.save_checkpoint(directory, model, tokenizer, {"stage": stage})
-    return directory
+from tests.helpers import make_checkpoint
+from tokenizer import StreamDecoder
 
 
 def expected_reply(directory, tokenizer, ids, max_new_tokens, **sampling):
@@ -58,7 +52,8 @@ def test_piped_chat_session_is_streamed_and_saved(tmp_path, tokenizer):
         assert record["reply"] == expected_reply(ckpt, tokenizer, ids, 6, temperature=0)
         assert record["prompt_tokens"] == len(ids) and 1 <= record["reply_tokens"] <= 6
         assert record["settings"]["temperature"] == 0 and record["checkpoint"] == str(ckpt)
-        assert record["tokens_per_s"] > 0 and record["stage"] == "sft" and record["mode"] == "chat"
+        assert record["tokens_per_s"] == pytest.approx(record["reply_tokens"] / record["seconds"], rel=0.02)
+        assert record["stage"] == "sft" and record["mode"] == "chat"
         assert record["reply"] in result.stdout and record["reply"] in transcript
     assert "**system:** Be kind." in transcript and "(conversation reset)" in transcript
     assert result.stderr.count("tokens/s") == 3
@@ -104,12 +99,12 @@ def test_oldest_turns_are_dropped_first(tokenizer):
 
 def test_stream_decoder_holds_back_partial_characters(tokenizer):
     text = "Tom 你好 😀 has a cake."
-    decoder = demo.StreamDecoder(tokenizer)
+    decoder = StreamDecoder(tokenizer)
     pieces = [decoder.push(t) for t in tokenizer.encode(text)] + [decoder.flush()]
     assert "".join(pieces) == text
     assert "" in pieces and not any("\ufffd" in p for p in pieces)  # bytes were held back, never garbled
     broken = [tokenizer.mergeable_ranks[bytes([b])] for b in "你".encode()[:2]]  # a character cut short
-    decoder = demo.StreamDecoder(tokenizer)
+    decoder = StreamDecoder(tokenizer)
     assert "".join(decoder.push(t) for t in broken) + decoder.flush() == tokenizer.decode(broken) == "\ufffd"
 
 
@@ -160,3 +155,25 @@ def test_missing_broken_or_unloadable_checkpoints_are_one_line_errors(tmp_path, 
         demo.main([])
     with pytest.raises(SystemExit, match=r"^error: --top_p must be in \(0, 1\], got 1.5$"):
         demo.main(["--top_p", "1.5"])
+
+
+def test_model_type_is_only_a_check_against_the_checkpoint(tmp_path, tokenizer, capsys):
+    small = make_checkpoint(tmp_path / "small", tokenizer, "sft")  # TINY_MODEL's shape, which is no preset
+    torch.manual_seed(0)
+    tiny = GPT(get_config("tiny", vocab_size=tokenizer.vocab_size))
+    checkpoint.save_checkpoint(tmp_path / "tiny", tiny, tokenizer, {"stage": "sft"})
+
+    def run(path, model_type):
+        demo.main(["--checkpoint", str(path), "--model_type", model_type, "--prompt", "hi", "--max_new_tokens", "2",
+                   "--output_dir", str(tmp_path / "out")])
+
+    run(tmp_path / "tiny", "tiny")  # the right preset: accepted
+    assert "Traceback" not in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"--model_type tiny: .*small is not of that shape: dim=32 \(the preset "
+                                         r"has 128\).*config.json gives its shape"):
+        run(small, "tiny")
+    with pytest.raises(SystemExit, match="--model_type must be one of tiny, "):
+        run(small, "llama-7b")
+    with pytest.raises(SystemExit, match="is a file; a checkpoint is a directory with config.json, the weights and "
+                                         "the tokenizer"):
+        run(small / "model.safetensors", "tiny")

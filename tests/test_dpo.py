@@ -5,20 +5,22 @@ import math
 import subprocess
 import sys
 from collections import defaultdict
+from contextlib import contextmanager
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
 import checkpoint
 import lora
 from configs import DPOConfig, ModelConfig
-from dataset import DataError, PreferenceDataset, encode_preference, to_preference
+from dataset import DataError, PreferenceDataset, to_preference, tokenize_pair, truncate_pair
 from evals import answer_accuracy
 from loss import DPOLoss, sequence_logps
 from model import GPT
-from tests.conftest import TINY_MODEL, make_chats
-from trainers import DPOTrainer
+from tests.helpers import TINY_MODEL, make_chats, make_checkpoint, write_jsonl
+from trainers import DPOTrainer, Trainer
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -135,51 +137,63 @@ def test_malformed_pairs_name_file_line_and_field(record, message):
         to_preference(record, "f:9")
 
 
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def test_bad_rows_stop_or_are_skipped_and_counted(tmp_path, tokenizer):
     good = {"prompt": "Tom has a ball.", "chosen": "A ball.", "rejected": "A cat."}
     path = write_jsonl(tmp_path / "p.jsonl", [good, {"prompt": "x", "chosen": "y"}, good])
     with pytest.raises(DataError, match=r"p.jsonl:2: unknown preference format"):
-        PreferenceDataset(path, tokenizer, 64)
-    data = PreferenceDataset(path, tokenizer, 64, skip_bad_rows=True)
+        PreferenceDataset(str(path), tokenizer, 64)
+    data = PreferenceDataset(str(path), tokenizer, 64, skip_bad_rows=True)
     assert (len(data), data.n_skipped) == (2, 1)
     # A line that is not JSON at all stops the same way, or is skipped and counted the same way.
     path = tmp_path / "q.jsonl"
     path.write_text(json.dumps(good) + "\n{not json\n" + json.dumps(good) + "\n")
     with pytest.raises(DataError, match=r"q.jsonl:2: not valid JSON"):
-        PreferenceDataset(path, tokenizer, 64)
-    data = PreferenceDataset(path, tokenizer, 64, skip_bad_rows=True)
+        PreferenceDataset(str(path), tokenizer, 64)
+    data = PreferenceDataset(str(path), tokenizer, 64, skip_bad_rows=True)
     assert (len(data), data.n_skipped) == (2, 1)
+    # A pair with no reply token within seq_len stops too (found when the cached pairs are read).
+    path = write_jsonl(tmp_path / "r.jsonl", [good])
+    with pytest.raises(DataError, match=r"r.jsonl:1: no reply token fits in 2 tokens; raise --seq_len"):
+        PreferenceDataset(str(path), tokenizer, 2)
+
+
+def test_pairs_stream_from_an_hf_dataset_as_from_the_file(tmp_path, tokenizer, hf_cache):
+    rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS[:5]]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    streamed, local = (PreferenceDataset(source, tokenizer, 64, hf_data_files=str(path))
+                       for source in ("hf:json", str(path)))
+    assert len(streamed) == len(local) == 5
+    for i in range(5):
+        for (ids, mask), (local_ids, local_mask) in zip(streamed.pair(i), local.pair(i)):
+            assert np.array_equal(ids, local_ids) and np.array_equal(mask, local_mask)
 
 
 def test_masks_cover_only_the_reply_and_truncation_cuts_the_prompt_first(tokenizer):
     prompt = [msg(USER, "Tom has a red ball. " * 8 + "What does Tom have?")]
     chosen, rejected = [msg(BOT, "Tom has a ball.")], [msg(BOT, "A cat.")]
-    (c_ids, c_mask), (r_ids, r_mask), truncated = encode_preference(tokenizer, prompt, chosen, rejected, 10_000)
+    pair = tokenize_pair(tokenizer, prompt, chosen, rejected)
+    (c_ids, c_mask), (r_ids, r_mask), truncated = truncate_pair(*pair, 10_000)
     assert not truncated
     assert tokenizer.decode([t for t, m in zip(c_ids, c_mask) if m]) == "Tom has a ball.<|im_end|>"
     assert tokenizer.decode([t for t, m in zip(r_ids, r_mask) if m]) == "A cat.<|im_end|>"
     full = len(c_ids)
 
-    (c_ids, c_mask), (r_ids, r_mask), truncated = encode_preference(tokenizer, prompt, chosen, rejected, full - 20)
+    (c_ids, c_mask), (r_ids, r_mask), truncated = truncate_pair(*pair, full - 20)
     assert truncated and len(c_ids) == full - 20
     assert tokenizer.decode([t for t, m in zip(c_ids, c_mask) if m]) == "Tom has a ball.<|im_end|>"  # reply whole
     assert tokenizer.decode(c_ids).endswith("What does Tom have?<|im_end|>\n<|im_start|>assistant\nTom has a ball."
                                             "<|im_end|>\n")  # the prompt lost its start, not its question
-    assert c_ids[:-len(tokenizer.apply_chat_template(chosen))] == r_ids[:-len(tokenizer.apply_chat_template(rejected))]
+    assert np.array_equal(c_ids[:-len(tokenizer.apply_chat_template(chosen))],
+                          r_ids[:-len(tokenizer.apply_chat_template(rejected))])
 
-    (c_ids, c_mask), _, _ = encode_preference(tokenizer, prompt, chosen, rejected, 6)  # not even the reply fits
+    (c_ids, c_mask), _, _ = truncate_pair(*pair, 6)  # not even the reply fits
     assert len(c_ids) == 6 and not tokenizer.decode(c_ids).startswith("What")
 
 
 def test_padded_batch_log_probs_equal_each_sequence_alone(tmp_path, tokenizer):
     rows = [{"prompt": "Tom has a ball. What does Tom have?", "chosen": "A ball.", "rejected": "A red cat, I think."},
             {"prompt": "Mia has a kite.", "chosen": "Mia has a kite, a red kite.", "rejected": "No."}]
-    data = PreferenceDataset(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer, 64)
+    data = PreferenceDataset(str(write_jsonl(tmp_path / "p.jsonl", rows)), tokenizer, 64)
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY_MODEL, "max_seq_len": 64})).eval()
     batch = data.batch([0, 1])
@@ -187,8 +201,8 @@ def test_padded_batch_log_probs_equal_each_sequence_alone(tmp_path, tokenizer):
     with torch.no_grad():
         got = sequence_logps(model(batch["input_ids"]), batch["labels"], batch["loss_mask"])
         expected = []
-        for ids, mask in [data.pairs[0][0], data.pairs[1][0], data.pairs[0][1], data.pairs[1][1]]:
-            logps = torch.log_softmax(model(torch.tensor([ids[:-1]]))[0], -1)
+        for ids, mask in [data.pair(0)[0], data.pair(1)[0], data.pair(0)[1], data.pair(1)[1]]:
+            logps = torch.log_softmax(model(torch.from_numpy(ids[:-1])[None])[0], -1)
             expected.append(sum(logps[t - 1, ids[t]].item() for t in range(1, len(ids)) if mask[t]))
     assert got.tolist() == pytest.approx(expected, rel=1e-4)
 
@@ -203,9 +217,7 @@ PAIRS = [(f"{name} has a {good} and a {bad}. What does {name} like?", f"{name} l
 @pytest.fixture
 def dpo_setup(tmp_path, tokenizer):
     """A tiny starting checkpoint and train/val preference files."""
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY_MODEL, "max_seq_len": 64}))
-    checkpoint.save_checkpoint(tmp_path / "sft", model, tokenizer, {"stage": "sft"})
+    make_checkpoint(tmp_path / "sft", tokenizer, "sft")
     rows = [{"prompt": p, "chosen": c, "rejected": r} for p, c, r in PAIRS]
     write_jsonl(tmp_path / "train.jsonl", rows[:12])
     write_jsonl(tmp_path / "val.jsonl", rows[12:])
@@ -386,3 +398,31 @@ def test_evaluate_reports_the_answer_accuracy_before_and_after(dpo_setup, tokeni
     records = [json.loads(line) for line in (dpo_setup / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "answer_acc" in r] == [0, 2]  # before and after DPO
     assert "answer_acc" not in str(make_dpo(dpo_setup).evaluate())  # eval_samples=0: off
+
+
+@pytest.mark.parametrize("precompute_ref", [False, True])
+def test_autocast_is_entered_once_per_region_and_off_outside_it(dpo_setup, monkeypatch, precompute_ref):
+    """Entering one autocast object again while it is active leaves autocast on after both exit (for backward
+    and the optimizer step too): the reference's forward must run in compute_loss's region, not open its own."""
+    depth, regions, steps = [0], [], []
+    original = Trainer.autocast
+
+    @contextmanager
+    def counted(self):
+        depth[0] += 1
+        regions.append(depth[0])
+        try:
+            with original(self):
+                yield
+        finally:
+            depth[0] -= 1
+
+    monkeypatch.setattr(Trainer, "autocast", counted)
+    trainer = make_dpo(dpo_setup, dtype="bfloat16", max_steps=2, eval_interval=1, eval_iters=1, eval_samples=2,
+                       eval_chats=str(write_jsonl(dpo_setup / "chats.jsonl", make_chats(2, 0))),
+                       precompute_ref=precompute_ref)
+    step = trainer.optimizer.step
+    trainer.optimizer.step = lambda *a, **k: steps.append(torch.is_autocast_enabled("cpu")) or step(*a, **k)
+    trainer.train()
+    assert len(regions) > 6 and set(regions) == {1}  # never nested
+    assert steps == [False, False] and not torch.is_autocast_enabled("cpu")

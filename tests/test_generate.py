@@ -1,12 +1,12 @@
 """Generation: the KV-cache loop against plain full-sequence decoding, and the sampling filters."""
 
+import pytest
 import torch
 
 from configs import ModelConfig
 from model import GPT
 from sampling import apply_repetition_penalty, filter_top_k, filter_top_p, sample_next
-
-SMALL = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=48)
+from tests.helpers import SMALL
 
 
 def uncached_greedy(model, idx, steps):
@@ -120,9 +120,9 @@ def test_compiled_decoding_matches_eager_decoding():
     with torch.no_grad():
         model(prompt, cache=cache)
         eager_logits = model(prompt[:, -1:], cache=cache)
-    assert model.compile_decoding() is None
-    compiled, calls = model.decode_step, []
-    model.decode_step = lambda *args, **kwargs: calls.append(1) or compiled(*args, **kwargs)
+    assert model.compile_decoding() is True
+    compiled, calls = model.decode_step.compiled, []
+    model.decode_step.compiled = lambda *args, **kwargs: calls.append(1) or compiled(*args, **kwargs)
     for m, want in zip((None, mask), expected):
         assert torch.equal(model.generate(prompt, max_new_tokens=12, temperature=0, attention_mask=m), want)
     assert len(calls) == 2 * 11  # every token after the first came from the compiled step
@@ -132,17 +132,25 @@ def test_compiled_decoding_matches_eager_decoding():
         torch.testing.assert_close(compiled(prompt[:, -1:], cache=cache), eager_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_failed_decode_compile_leaves_decoding_eager(monkeypatch):
-    def broken_compile(fn, **kwargs):
+@pytest.mark.parametrize("failing_call", [1, 5])  # in the warm-up, or later (a recompile for another shape)
+def test_failed_decode_compile_falls_back_to_eager_decoding(monkeypatch, failing_call):
+    calls = {"n": 0}
+
+    def fake_compile(fn, **kwargs):
         def compiled(*args, **kw):
-            raise RuntimeError("InductorError: no working C++ compiler\nlong details")
+            calls["n"] += 1
+            if calls["n"] >= failing_call:
+                raise RuntimeError("InductorError: no working C++ compiler\nlong details")
+            return fn(*args, **kw)
         return compiled
 
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", fake_compile)
     torch.manual_seed(0)
     model = GPT(ModelConfig(**SMALL)).eval()
-    prompt = torch.randint(0, 300, (1, 5))
+    prompt = torch.randint(0, 300, (2, 5))
     want = model.generate(prompt, max_new_tokens=6, temperature=0)
-    assert model.compile_decoding() == "RuntimeError: InductorError: no working C++ compiler"
-    assert model.decode_step is None
+    messages = []
+    assert model.compile_decoding(log=messages.append) is (failing_call > 1)  # the warm-up makes one call
     assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=0), want)
+    assert messages == ["torch.compile failed (RuntimeError: InductorError: no working C++ compiler); decoding eagerly"]
+    assert not model.decode_step.is_compiled and calls["n"] == failing_call

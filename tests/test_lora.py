@@ -9,9 +9,9 @@ import torch
 
 import checkpoint
 import lora
-from configs import LoRAConfig, ModelConfig
+from configs import LORA_TARGETS, LoRAConfig, ModelConfig
 from model import GPT
-from tests.conftest import SFT_MODEL, crash_during_step
+from tests.helpers import SFT_MODEL, crash_during_step
 from trainers import LoRATrainer
 
 GQA_MODEL = {**SFT_MODEL, "dim": 32, "n_heads": 4, "n_kv_heads": 2}  # k/v projections are 32 -> 16: not square
@@ -36,7 +36,7 @@ def test_outputs_and_merged_weights_match_peft(use_rslora):
     counts = lora.apply_lora(ours, r=4, alpha=8, use_rslora=use_rslora)
     randomise_adapters(ours)
     config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=use_rslora,
-                             target_modules=list(lora.DEFAULT_TARGETS))
+                             target_modules=list(LORA_TARGETS))
     theirs = peft.inject_adapter_in_model(config, theirs)
     pairs = [(m, theirs.get_submodule(n)) for n, m in ours.named_modules() if isinstance(m, lora.LoRALinear)]
     assert len(pairs) == counts["wrapped"] == 7 * GQA_MODEL["n_layers"]
@@ -48,10 +48,15 @@ def test_outputs_and_merged_weights_match_peft(use_rslora):
             peft_layer.lora_B["default"].weight.copy_(mine.lora_B)
     idx = torch.randint(0, 96, (2, 12))
     assert torch.allclose(ours(idx), theirs(idx), atol=1e-5)
-    lora.set_merged(ours, True)
     for mine, peft_layer in pairs:
+        mine.merge()
         peft_layer.merge()
         assert torch.allclose(mine.base.weight, peft_layer.base_layer.weight, atol=1e-6)
+
+
+def set_merged(model, merged: bool):
+    for layer in lora.lora_layers(model):
+        layer.merge() if merged else layer.unmerge()
 
 
 def test_starts_unchanged_and_merge_unmerge_round_trip():
@@ -64,15 +69,15 @@ def test_starts_unchanged_and_merge_unmerge_round_trip():
     weights = {n: p.clone() for n, p in model.named_parameters() if ".base." in n}
     unmerged = model(idx)
     assert not torch.allclose(unmerged, base(idx), atol=1e-3)
-    lora.set_merged(model, True)
+    set_merged(model, True)
     assert any(not torch.equal(p, weights[n]) for n, p in model.named_parameters() if ".base." in n)
     assert torch.allclose(model(idx), unmerged, atol=1e-5)
-    lora.set_merged(model, False)
+    set_merged(model, False)
     assert all(torch.allclose(p, weights[n], atol=1e-6) for n, p in model.named_parameters() if ".base." in n)
     assert torch.allclose(model(idx), unmerged, atol=1e-5)
 
     for merged in (False, True):  # adapters off: exactly the base model, whether merged or not
-        lora.set_merged(model, merged)
+        set_merged(model, merged)
         with lora.adapters_disabled(model):
             assert torch.allclose(model(idx), base(idx), atol=1e-5)
         assert torch.allclose(model(idx), unmerged, atol=1e-5)

@@ -7,9 +7,9 @@ import torch
 
 from attention import apply_rope, manual_attention, precompute_rope, sdpa_attention
 from configs import ModelConfig, get_config
+from hf import to_transformers
 from model import GPT
-
-SMALL = dict(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+from tests.helpers import SMALL
 
 
 def small_model(seed=0, **overrides) -> GPT:
@@ -37,7 +37,7 @@ def test_matches_hf_llama(shape):
         for name, p in hf.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
-    ours = GPT.from_hf_llama(hf).eval()
+    ours = GPT.from_transformers(hf).eval()
     assert ours.config.hidden_dim == cfg.hidden_dim and ours.config.n_kv_heads == cfg.n_kv_heads
     for T in (cfg.max_seq_len, 7):  # full context and a shorter sequence
         idx = torch.randint(0, cfg.vocab_size, (2, T))
@@ -48,7 +48,7 @@ def test_matches_hf_llama(shape):
         assert (got - expected).abs().max().item() < 1e-4
 
     # And back: our weights in a fresh HF model give the same logits again.
-    back = ours.to_hf_llama().eval()
+    back = to_transformers(ours, "llama").eval()
     idx = torch.randint(0, cfg.vocab_size, (1, 9))
     with torch.no_grad():
         assert (back(idx).logits - ours(idx)).abs().max().item() < 1e-4
@@ -177,7 +177,7 @@ def test_bad_config_gives_one_line_error(bad, message):
 
 def test_too_long_sequence_is_a_clear_error():
     with pytest.raises(ValueError, match="longer than max_seq_len"):
-        small_model()(torch.zeros(1, 33, dtype=torch.long))
+        small_model()(torch.zeros(1, SMALL["max_seq_len"] + 1, dtype=torch.long))
 
 
 def test_config_fields_survive_a_dict_round_trip():

@@ -7,18 +7,18 @@ import pytest
 import torch
 
 import checkpoint
-from configs import ModelConfig, TrainConfig, get_config
-from model import GPT
+from configs import ModelConfig, get_config
+from hf import to_transformers
+from model import GPT, MLP
 from moe import MoE, collect_moe_stats, load_balancing_loss
-from tests.conftest import TINY_MODEL, crash_during_step
-from trainers import PretrainTrainer
+from tests.helpers import TINY_MODEL, crash_during_step, make_trainer
 
 MOE = dict(use_moe=True, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, hidden_dim=48)
 
 
 def moe_layer(seed=0, **overrides) -> MoE:
     torch.manual_seed(seed)
-    layer = MoE(ModelConfig(**{**TINY_MODEL, **MOE, **overrides}))
+    layer = MoE(ModelConfig(**{**TINY_MODEL, **MOE, **overrides}), MLP)
     for p in layer.parameters():  # larger weights than the model's init, so differences show
         torch.nn.init.normal_(p, std=0.3)
     return layer
@@ -168,14 +168,12 @@ def test_generation_with_kv_cache_matches_full_forward():
 
 def test_hf_interop_refuses_moe_models():
     with pytest.raises(ValueError, match="Mixture-of-Experts"):
-        GPT(ModelConfig(vocab_size=64, **{**TINY_MODEL, **MOE})).to_hf_llama()
+        to_transformers(GPT(ModelConfig(vocab_size=64, **{**TINY_MODEL, **MOE})), "llama")
 
 
-def make_trainer(data_dir, out_dir, model=None, **train):
-    cfg = TrainConfig(**{**dict(data_dir=str(data_dir), out_dir=str(out_dir), preset="tiny", device="cpu",
-                                batch_size=4, seq_len=32, max_steps=8, warmup_steps=2, lr=3e-3,
-                                eval_interval=4, eval_iters=1, log_interval=1, save_interval=4), **train})
-    return PretrainTrainer(cfg, {**TINY_MODEL, **MOE, **(model or {})})
+def moe_trainer(data_dir, out_dir, model=None, **train):
+    return make_trainer(data_dir, out_dir, {**MOE, **(model or {})}, **{**dict(
+        max_steps=8, eval_interval=4, eval_iters=1, log_interval=1, save_interval=4), **train})
 
 
 def read_metrics(out_dir):
@@ -186,7 +184,7 @@ def test_trainer_adds_the_aux_loss_and_logs_expert_shares(data_dir, tmp_path):
     first = {}
     for alpha in (0.0, 1.0):
         out = tmp_path / f"alpha{alpha}"
-        make_trainer(data_dir, out, model={"aux_loss_alpha": alpha}, max_steps=1).train()
+        moe_trainer(data_dir, out, model={"aux_loss_alpha": alpha}, max_steps=1).train()
         first[alpha] = next(r for r in read_metrics(out) if r["split"] == "train")
     # Same seed, same weights, same batch: the loss differs by exactly alpha * aux.
     assert first[1.0]["loss"] - first[0.0]["loss"] == pytest.approx(first[1.0]["moe_aux_loss"], abs=1e-5)
@@ -197,14 +195,14 @@ def test_trainer_adds_the_aux_loss_and_logs_expert_shares(data_dir, tmp_path):
 
 
 def test_moe_checkpoint_saves_resumes_and_loads(data_dir, tmp_path):
-    expected = make_trainer(data_dir, tmp_path / "whole").train()["val_loss"]
+    expected = moe_trainer(data_dir, tmp_path / "whole").train()["val_loss"]
 
-    crashing = make_trainer(data_dir, tmp_path / "resumed")
+    crashing = moe_trainer(data_dir, tmp_path / "resumed")
     crash_during_step(crashing, 6, RuntimeError("simulated crash"))
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.train()
     assert checkpoint.load_train_state(tmp_path / "resumed")["step"] == 4
-    resumed = make_trainer(data_dir, tmp_path / "resumed", resume=True)
+    resumed = moe_trainer(data_dir, tmp_path / "resumed", resume=True)
     assert resumed.train()["val_loss"] == pytest.approx(expected, abs=1e-6)
 
     model = GPT.from_pretrained(tmp_path / "resumed").eval()

@@ -43,14 +43,6 @@ def _decode_split(out_dir, split):
     return [tok.decode(ids[start:end]) for start, end in zip([0, *(ends[:-1] + 1)], ends)]
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    """Keep the `datasets` library's cache (lock files even when streaming) inside the test's temp dir."""
-    import datasets.config
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
-
-
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet", "hf"])
 def test_documents_round_trip_through_the_token_files(tmp_path, kind, request):
     if kind == "hf":  # the datasets code path, offline: the 'json' builder on a local file
@@ -112,17 +104,20 @@ def test_load_hf_documents_streams_a_local_builder(tmp_path, hf_cache):
         next(prepare.load_hf_documents("json", data_files=str(path), text_field="story"))
 
 
-def test_storyworld_source_and_ensure_default_data(tmp_path, monkeypatch):
+def test_storyworld_source_and_the_default_data_on_first_use(tmp_path, monkeypatch):
     small = functools.partial(storyworld.write_default_dataset, n_stories=200, n_chats=20, n_pairs=20, n_val=5)
     monkeypatch.setattr(prepare, "write_default_dataset", small)
-    out = prepare.ensure_default_data(tmp_path / "storyworld")
+    monkeypatch.chdir(tmp_path)
+    assert prepare.data_path("data/other", "x.jsonl") == prepare.Path("data/other/x.jsonl")  # never prepared here
+    assert not (tmp_path / "data").exists()
+    out = prepare.data_path("data/storyworld")
     for name in ("train.bin", "val.bin", "meta.json", "stories.jsonl", "sft_train.jsonl", "sft_val.jsonl",
                  "dpo_train.jsonl", "dpo_val.jsonl"):
         assert (out / name).exists(), name
     meta = json.loads((out / "meta.json").read_text())
     assert meta["source"] == "storyworld" and meta["n_docs"] == 200
     stamp = (out / "train.bin").stat().st_mtime_ns
-    prepare.ensure_default_data(out)  # already there: nothing to do
+    assert prepare.data_path("data/storyworld", "sft_val.jsonl") == out / "sft_val.jsonl"  # there: nothing to do
     assert (out / "train.bin").stat().st_mtime_ns == stamp
 
 

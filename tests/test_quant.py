@@ -12,9 +12,9 @@ import torch.nn.functional as F
 import checkpoint
 import lora
 import quant
-from configs import ModelConfig
+from configs import LORA_TARGETS, ModelConfig
 from model import GPT
-from tests.conftest import TINY_MODEL
+from tests.helpers import TINY_MODEL
 
 MODEL = {**TINY_MODEL, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128}  # in_features multiples of 64
 
@@ -231,7 +231,7 @@ def test_compiled_decoding_uses_the_kernels():
     model = quant.quantize_model(tiny_gpt(), "int8", head=True)
     prompt = torch.randint(0, 96, (1, 5))
     eager = model.generate(prompt, 8, temperature=0)
-    assert model.compile_decoding() is None
+    assert model.compile_decoding()
     with torch.profiler.profile() as profile:  # it sees the calls made from the compiled step's C++ code too
         assert torch.equal(model.generate(prompt, 8, temperature=0), eager)
     calls = sum(event.name == "nanollm_quant::int8_matvec" for event in profile.events())
@@ -275,7 +275,7 @@ def test_qlora_trains_adapters_on_a_frozen_nf4_base():
         torch.testing.assert_close(p.grad, reference_params[name].grad, rtol=1e-4, atol=1e-6)
     assert all(torch.equal(b, stored[n.replace(".base.", ".")]) for n, b in model.named_buffers())
     with pytest.raises(ValueError, match="cannot merge LoRA adapters into a nf4-quantised weight in place"):
-        lora.set_merged(model, True)
+        lora.lora_layers(model)[0].merge()
 
 
 def test_qlora_adapters_merge_into_the_dequantised_base(tmp_path, tokenizer):
@@ -284,7 +284,7 @@ def test_qlora_adapters_merge_into_the_dequantised_base(tmp_path, tokenizer):
     model = quant.quantize_model(GPT.from_pretrained(tmp_path / "base"), "nf4")
     lora.apply_lora(model, r=4, alpha=8)
     randomise_adapters(model)
-    settings = {"r": 4, "alpha": 8, "targets": list(lora.DEFAULT_TARGETS), "quantize": "nf4"}
+    settings = {"r": 4, "alpha": 8, "targets": list(LORA_TARGETS), "quantize": "nf4"}
     lora.save_lora_checkpoint(tmp_path / "qlora", model, tokenizer, tmp_path / "base", settings, {"step": 5})
     reloaded, _ = lora.load_lora_checkpoint(tmp_path / "qlora")
     assert quant.quantization_of(reloaded)["scheme"] == "nf4"

@@ -2,6 +2,7 @@
 bad rows, the masked loss, answer accuracy, and a short fine-tuning run."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 import checkpoint
+import dataset as dataset_module
 from configs import ModelConfig, SFTConfig
 from dataset import DataError, RowSampler, SFTDataset, format_mask, load_chats, shift_chat, to_messages
 from evals import answer_accuracy, greedy_replies
 from loss import lm_loss
 from model import GPT
-from tests.conftest import SFT_MODEL, crash_during_step, make_chats, write_jsonl
+from tests.helpers import SFT_MODEL, crash_during_step, make_chats, make_checkpoint, write_jsonl
 from tokenizer import IM_END
 from trainers import SFTTrainer
 
@@ -59,19 +61,21 @@ def test_mask_covers_exactly_the_assistant_turns(record, tokenizer):
             assert m["content"] in tokenizer.decode(untrained)
 
 
-def test_truncation_keeps_the_mask_aligned(tokenizer):
+def test_truncation_keeps_the_mask_aligned(tokenizer, tmp_path):
     ids, mask = tokenizer.apply_chat_template(to_messages(MULTI_TURN, "x:1"), return_assistant_mask=True)
     full = shift_chat(ids, mask, max_len=1000)
     for max_len in (5, 20, len(ids) - 3):
         cut = shift_chat(ids, mask, max_len)
         assert all(len(a) == max_len for a in cut)
         assert all(np.array_equal(a, b[:max_len]) for a, b in zip(cut, full))
-    dataset = SFTDataset([to_messages(MULTI_TURN, "x:1")] * 2, tokenizer, seq_len=len(ids) - 3)
+    path = write_jsonl(tmp_path / "chats.jsonl", [MULTI_TURN] * 2)
+    dataset = SFTDataset(str(path), tokenizer, seq_len=len(ids) - 3)
     assert dataset.n_truncated == 2 and len(dataset) == 2
-    assert len(SFTDataset([to_messages(MULTI_TURN, "x:1")] * 2 + [to_messages(
-        {"prompt": "a", "output": "b"}, "x:2")], tokenizer, seq_len=len(ids) - 3, drop_long=True)) == 1
+    assert all(np.array_equal(a, b) for a, b in zip(dataset.example(1), shift_chat(ids, mask, len(ids) - 3)))
+    path = write_jsonl(tmp_path / "mixed.jsonl", [MULTI_TURN, MULTI_TURN, {"prompt": "a", "output": "b"}])
+    assert len(SFTDataset(str(path), tokenizer, seq_len=len(ids) - 3, drop_long=True)) == 1
     with pytest.raises(ValueError, match="no chat has an assistant token"):
-        SFTDataset([to_messages(MULTI_TURN, "x:1")], tokenizer, seq_len=5)  # the cut leaves no reply
+        SFTDataset(str(path), tokenizer, seq_len=5)  # the cut leaves no reply
 
 
 def test_show_mask_marks_the_trained_tokens(tokenizer, sft_dirs):
@@ -102,19 +106,18 @@ def examples_loss(model, dataset, indices) -> float:
     """Reference: each chat alone, no padding; the mean over all trained tokens."""
     total, count = 0.0, 0
     for i in indices:
-        x, y, m = (torch.from_numpy(a)[None] for a in dataset.examples[i])
+        x, y, m = (torch.from_numpy(a)[None] for a in dataset.example(i))
         n = int(m.sum())
         total += lm_loss(model(x), y, m).item() * n
         count += n
     return total / count
 
 
-def test_padded_and_packed_batches_give_the_loss_of_separate_chats(tokenizer):
-    chats = [to_messages(r, "x:1") for r in make_chats(12, 3)] + [to_messages(MULTI_TURN, "x:2")]
-    dataset = SFTDataset(chats, tokenizer, seq_len=128)
+def test_padded_and_packed_batches_give_the_loss_of_separate_chats(tokenizer, tmp_path):
+    dataset = SFTDataset(str(write_jsonl(tmp_path / "c.jsonl", make_chats(12, 3) + [MULTI_TURN])), tokenizer, 128)
     model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**SFT_MODEL, "max_seq_len": 128})).eval()
-    padded = dataset.padded_batch([0, 12, 3])
-    longest = max(len(dataset.examples[i][0]) for i in (0, 12, 3))
+    padded = dataset.batch([0, 12, 3])
+    longest = max(len(dataset.example(i)[0]) for i in (0, 12, 3))
     assert padded["input_ids"].shape[1] == 64 * -(-longest // 64)  # rounded up to a multiple of 64
     assert (padded["loss_mask"][padded["input_ids"] == tokenizer.pad_id] == 0).all()
     loss = lm_loss(model(padded["input_ids"]), padded["labels"], padded["loss_mask"]).item()
@@ -122,19 +125,27 @@ def test_padded_and_packed_batches_give_the_loss_of_separate_chats(tokenizer):
 
     sampler = dataset.sampler(seed=0)
     packed = dataset.packed_batch(sampler, batch_size=2)
-    order = RowSampler(len(dataset), seed=0).next(sampler.position)  # the chats it took, in order
-    assert sampler.position >= 4  # chats of ~36 tokens: several to a row
+    stream, taken, rows, used = RowSampler(len(dataset), seed=0).next(len(dataset)), 0, 0, 0
+    for i in stream:  # greedy packing into 2 rows, from the chats' lengths alone
+        n = len(dataset.example(i)[0])
+        if used + n > 128:
+            rows, used = rows + 1, 0
+            if rows == 2:
+                break
+        used, taken = used + n, taken + 1
+    assert sampler.position == taken > 2  # the chats that fitted in 2 rows, several to a row
+    order = stream[:taken]  # the chats it took, in order
     segment_ids, k = packed["segment_ids"], 0
     for row in range(2):  # whole chats in sampler order, each its own segment, then padding
         used = 0
         for seg in segment_ids[row].unique().tolist():
             if seg == 0:
                 continue
-            x = torch.from_numpy(dataset.examples[order[k]][0])
+            x = torch.from_numpy(dataset.example(order[k])[0])
             assert torch.equal(packed["input_ids"][row][segment_ids[row] == seg], x)
             used, k = used + len(x), k + 1
         following = order[k] if k < len(order) else sampler.peek()
-        assert used + len(dataset.examples[following][0]) > 128  # the next chat did not fit
+        assert used + len(dataset.example(following)[0]) > 128  # the next chat did not fit
         assert (packed["loss_mask"][row][used:] == 0).all() and (segment_ids[row][used:] == 0).all()
     assert k == len(order)
     logits = model(packed["input_ids"], segment_ids=segment_ids)
@@ -171,11 +182,47 @@ def test_bad_rows_name_file_and_line_or_are_counted(tmp_path):
         load_chats(str(path))
 
 
-def test_hub_path_reads_the_same_chats_offline(tmp_path):
-    """minimind's sft_mini_512.jsonl has this shape; `hf:json` + a local file runs the datasets path offline."""
+def test_hub_path_reads_the_same_chats_offline(tmp_path, tokenizer, hf_cache):
+    """minimind's sft_mini_512.jsonl has this shape; `hf:json` + a local file runs the datasets path offline
+    (streamed, as a hub dataset would be)."""
     rows = make_chats(5, 0) + [{"conversations": MULTI_TURN["conversations"]}]
     path = write_jsonl(tmp_path / "sft_mini_512.jsonl", rows)
     assert load_chats("hf:json", hf_data_files=str(path)) == load_chats(str(path))
+    streamed, local = (SFTDataset(source, tokenizer, 64, hf_data_files=str(path)) for source in ("hf:json", str(path)))
+    assert len(streamed) == len(local) == 6
+    assert all(np.array_equal(a, b) for i in range(6) for a, b in zip(streamed.example(i), local.example(i)))
+    assert (tmp_path / "hf_cache" / "nanollm").is_dir() and (tmp_path / ".cache").is_dir()
+
+
+# ----------------------------------------------------------------------------- the token cache
+def test_chats_are_tokenised_once_into_a_cache_that_follows_the_file(tmp_path, tokenizer, monkeypatch):
+    path = write_jsonl(tmp_path / "chats.jsonl", make_chats(20, 0))
+    first = SFTDataset(str(path), tokenizer, 64)
+    assert len(list((tmp_path / ".cache").iterdir())) == 1
+    assert not list(tmp_path.glob(".cache/*.tmp*"))  # built under a temporary name, then renamed
+
+    def no_tokenising(*args, **kwargs):
+        raise AssertionError("tokenised again")
+
+    monkeypatch.setattr(dataset_module, "encode_chat", no_tokenising)
+    again = SFTDataset(str(path), tokenizer, 32)  # another seq_len: the same cache
+    assert all(np.array_equal(a[:32], b) for a, b in zip(first.example(3), again.example(3)))
+    monkeypatch.undo()
+    write_jsonl(path, make_chats(20, 1))  # an edited file gets a fresh cache
+    edited = SFTDataset(str(path), tokenizer, 64)
+    assert len(list((tmp_path / ".cache").iterdir())) == 2
+    ids, mask = tokenizer.apply_chat_template(to_messages(make_chats(20, 1)[3], ""), return_assistant_mask=True)
+    assert all(np.array_equal(a, b) for a, b in zip(edited.example(3), shift_chat(ids, mask, 64)))
+    # The dataset holds the per-row arrays (memory-mapped) and open files, not the rows.
+    assert all(isinstance(getattr(edited.rows, name), np.memmap) for name in ("offsets", "first_trained", "lines"))
+
+
+def test_a_cache_built_skipping_bad_rows_still_stops_without_the_flag(tmp_path, tokenizer):
+    path = tmp_path / "chats.jsonl"
+    path.write_text(json.dumps(make_chats(1, 0)[0]) + "\n{broken\n" + json.dumps(make_chats(1, 1)[0]) + "\n")
+    assert SFTDataset(str(path), tokenizer, 64, skip_bad_rows=True).n_skipped == 1
+    with pytest.raises(DataError, match=r"chats.jsonl:2: not valid JSON"):
+        SFTDataset(str(path), tokenizer, 64)
 
 
 # ----------------------------------------------------------------------------- evaluation and training
@@ -204,6 +251,9 @@ def test_sft_learns_the_replies_and_resumes_exactly(sft_dirs):
     after = trainer.train()
     assert after["val_loss"] < before["val_loss"] - 1.0, (before, after)
     assert after["answer_acc"] > before["answer_acc"], (before, after)
+    assert after["train_loss"] < before["train_loss"] - 1.0, (before, after)
+    best = checkpoint.load_run_info(sft_dirs / "sft" / "best")  # the one evaluation after step 0: the last
+    assert best["step"] == 40 and best["metrics"] == pytest.approx(after, nan_ok=True)
     assert checkpoint.load_run_info(sft_dirs / "sft")["init_from"] == str(sft_dirs / "pretrain")
 
     def packed_run(out, **kw):  # packed batches: the sampler position is not a multiple of batch_size
@@ -219,8 +269,76 @@ def test_sft_learns_the_replies_and_resumes_exactly(sft_dirs):
     assert resumed.train()["val_loss"] == pytest.approx(whole["val_loss"], abs=1e-6)
 
 
+def test_best_is_by_answer_accuracy_then_loss_and_the_next_stage_starts_from_it(sft_dirs, tokenizer, monkeypatch,
+                                                                               capsys):
+    monkeypatch.chdir(sft_dirs)
+    make_checkpoint(sft_dirs / "checkpoint" / "pretrain", tokenizer, "pretrain")  # the last model of the run
+    best = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **SFT_MODEL))  # another one: its best
+    checkpoint.save_checkpoint(sft_dirs / "checkpoint" / "pretrain" / "best", best, tokenizer,
+                               {"stage": "pretrain", "step": 7, "metrics": {"val_loss": 1.5}})
+    trainer = SFTTrainer(sft_config(sft_dirs, init_from=""), {})
+    assert trainer.init_source == "checkpoint/pretrain/best"
+    assert ("starting from checkpoint/pretrain/best (step 7: val_loss 1.5000), the default (--init_from picks "
+            "another)") in capsys.readouterr().out
+    assert all(torch.equal(v, best.state_dict()[k]) for k, v in trainer.model.state_dict().items())
+    score = trainer.score
+    assert score({"answer_acc": 0.5, "val_loss": 2.0}) > score({"answer_acc": 0.4, "val_loss": 1.0})
+    assert score({"answer_acc": 0.5, "val_loss": 1.0}) > score({"answer_acc": 0.5, "val_loss": 2.0})
+    assert score({"val_loss": 1.0}) > score({"val_loss": 2.0})
+
+
 def test_missing_pretrain_checkpoint_is_a_clear_error(sft_dirs, monkeypatch):
     monkeypatch.chdir(sft_dirs)
     with pytest.raises(FileNotFoundError, match=r"no pretrain checkpoint under checkpoint/: run `python "
                                                 r"train_pretrain.py` first"):
         SFTTrainer(sft_config(sft_dirs, init_from=""), {})
+
+
+def test_epochs_set_the_steps_and_each_epoch_sees_every_chat_once(sft_dirs):
+    trainer = SFTTrainer(sft_config(sft_dirs, epochs=1.5, batch_size=10, eval_samples=0, log_interval=10), {})
+    assert trainer.cfg.max_steps == 30  # 1.5 x 200 chats / 10 per step
+    trainer.train()
+    assert trainer.sampler.position == 300
+    drawn = RowSampler(200, seed=trainer.cfg.seed).next(300)
+    assert sorted(drawn[:200]) == list(range(200)) and len(set(drawn[200:])) == 100
+
+
+MEMORY_PROBE = """
+import sys
+from dataset import SFTDataset
+from devices import peak_rss_bytes
+from tokenizer import Tokenizer
+
+source, tokenizer_dir, hold = sys.argv[1:]
+tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+baseline = peak_rss_bytes()
+data = SFTDataset(source, tokenizer, 256)  # tokenises the file into its cache, if not done yet
+sampler = data.sampler(seed=0)
+for _ in range(50):
+    data.batch(sampler.next(16))
+held = [data.rows.row(i) for i in range(len(data))] if hold == "hold" else []  # the control: every row in memory
+print(peak_rss_bytes() - baseline, data.rows.meta["tokens"])
+"""
+
+
+def test_memory_grows_with_the_batch_not_with_the_file(tmp_path, data_dir):
+    """Tokenising and training on a 10x larger chat file takes no more memory: rows are streamed into the cache
+    and read back a batch at a time. Each run is a fresh process, its peak RSS counted after the imports; a
+    control run that keeps every row in memory shows that the measurement sees it."""
+    story = " ".join(chat["conversations"][0]["content"] for chat in make_chats(40, 5))  # ~1 KB
+
+    def peak_growth(n: int, hold: str = "") -> tuple[int, int]:
+        path = tmp_path / f"chats{n}.jsonl"
+        if not path.exists():
+            write_jsonl(path, [{"conversations": [{"role": "user", "content": f"Story {i}?"},
+                                                  {"role": "assistant", "content": story}]} for i in range(n)])
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), str(data_dir), hold],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stderr[-2000:]
+        growth, tokens = map(int, out.stdout.split())
+        return growth, tokens
+
+    (small, _), (large, tokens) = peak_growth(150), peak_growth(1500)
+    control, _ = peak_growth(1500, "hold")
+    assert control - large > 0.5 * 16 * tokens, (control, large, tokens)  # ids and mask, 8 bytes each, of ~0.9M
+    assert large - small < 2 * 2**20, (small, large)

@@ -119,17 +119,6 @@ def test_preference_pairs_reject_a_different_answer():
     assert n_distractor / N > 0.4  # often a wrong entity that the story does mention
 
 
-def test_answer_matches():
-    assert sw.answer_matches("Lily found a red ball.", "Lily found a red ball.")
-    assert sw.answer_matches("  lily   found a RED ball ", "Lily found a red ball.")
-    assert sw.answer_matches("Lily found a red ball!", "Lily found a red ball.")
-    assert sw.answer_matches("小明找到了一个红色的皮球", "小明找到了一个红色的皮球。")
-    assert sw.answer_matches("小明找到了一个红色的皮球！ ", "小明找到了一个红色的皮球。")
-    assert not sw.answer_matches("Lily found a blue ball.", "Lily found a red ball.")
-    assert not sw.answer_matches("Lily found a red ball. Then she ran.", "Lily found a red ball.")
-    assert not sw.answer_matches("小明找到了一个蓝色的皮球。", "小明找到了一个红色的皮球。")
-
-
 def _first_story(chat: dict) -> str:
     return _story_of(next(m["content"] for m in chat["conversations"] if m["role"] == "user"))
 

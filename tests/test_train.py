@@ -1,6 +1,7 @@
 """The training loop, checkpoints and resume, on a tiny model and data set."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,38 +11,36 @@ import torch
 import checkpoint
 from configs import ModelConfig, TrainConfig, parse_train_args
 from model import GPT
-from tests.conftest import TINY_MODEL, crash_during_step
-from trainers import PretrainTrainer
+from tests.helpers import TINY_MODEL, crash_during_step, make_trainer
 
-
-def make_trainer(data_dir, out_dir, **train):
-    cfg = TrainConfig(**{**dict(data_dir=str(data_dir), out_dir=str(out_dir), preset="tiny", device="cpu",
-                                batch_size=4, seq_len=32, max_steps=16, warmup_steps=2, lr=3e-3,
-                                eval_interval=8, eval_iters=2, log_interval=4, save_interval=8), **train})
-    return PretrainTrainer(cfg, {**TINY_MODEL, "dropout": 0.1})
+DROPOUT = {"dropout": 0.1}  # so that resuming must restore the RNG too
 
 
 def test_pretraining_lowers_the_loss(data_dir, tmp_path):
-    trainer = make_trainer(data_dir, tmp_path / "ckpt", max_steps=60, eval_interval=30)
+    trainer = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT, max_steps=60, eval_interval=30)
     first = trainer.evaluate()["val_loss"]
     final = trainer.train()["val_loss"]
     assert final < first - 1.5, (first, final)
     records = [json.loads(line) for line in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
     assert {"train", "val"} <= {r["split"] for r in records}
-    assert all(r["tokens_per_s"] > 0 for r in records if r["split"] == "train")
+    # Each train record: 4 steps of 4 x 32 tokens since the record before (its time stamp), give or take the
+    # writing of the records themselves.
+    train = [r for r in records if r["split"] == "train"]
+    for before, r in zip(train, train[1:]):
+        assert r["tokens_per_s"] == pytest.approx(4 * 4 * 32 / (r["time"] - before["time"]), rel=0.2)
 
 
 def test_interrupted_run_resumes_to_the_same_loss(data_dir, tmp_path):
-    whole = make_trainer(data_dir, tmp_path / "whole")
+    whole = make_trainer(data_dir, tmp_path / "whole", DROPOUT)
     expected = whole.train()["val_loss"]
 
-    crashing = make_trainer(data_dir, tmp_path / "resumed")
+    crashing = make_trainer(data_dir, tmp_path / "resumed", DROPOUT)
     crash_during_step(crashing, 11, RuntimeError("simulated crash"))  # after the checkpoint at step 8
     with pytest.raises(RuntimeError, match="simulated crash"):
         crashing.train()
     assert checkpoint.load_train_state(tmp_path / "resumed")["step"] == 8
 
-    resumed = make_trainer(data_dir, tmp_path / "resumed", resume=True)
+    resumed = make_trainer(data_dir, tmp_path / "resumed", DROPOUT, resume=True)
     assert resumed.step == 8
     got = resumed.train()["val_loss"]
     assert got == pytest.approx(expected, abs=1e-6)
@@ -51,7 +50,7 @@ def test_interrupted_run_resumes_to_the_same_loss(data_dir, tmp_path):
 
 
 def test_keyboard_interrupt_saves_a_resumable_checkpoint(data_dir, tmp_path):
-    trainer = make_trainer(data_dir, tmp_path / "ckpt")
+    trainer = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT)
     crash_during_step(trainer, 5, KeyboardInterrupt())  # Ctrl-C during step 5
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
@@ -76,6 +75,66 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(data_dir, tmp_path, mo
     # A crash between the two renames leaves only `<dir>.old`; loading puts it back.
     out.rename(tmp_path / "ckpt.old")
     assert checkpoint.load_run_info(out)["step"] == 1
+
+
+def test_a_best_checkpoint_inside_survives_a_crash_anywhere_in_a_save(tmp_path, tokenizer, monkeypatch):
+    out = tmp_path / "ckpt"
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **TINY_MODEL))
+    checkpoint.save_checkpoint(out, model, tokenizer, {"step": 1})
+    checkpoint.save_checkpoint(out / "best", model, tokenizer, {"step": 1})
+    rename = os.replace
+    # The latest's save renames best/ into the new directory, the old directory away, the new one in; best's own
+    # save renames the old best away and the new one in. A crash before each of them:
+    for directory, crash_at in [(out, 0), (out, 1), (out, 2), (out / "best", 0), (out / "best", 1)]:
+        calls = []
+
+        def crashing_rename(src, dst, calls=calls, crash_at=crash_at):
+            if os.path.isdir(src):  # (files are written by a rename too)
+                calls.append(dst)
+                if len(calls) > crash_at:
+                    raise OSError("crash")
+            rename(src, dst)
+
+        monkeypatch.setattr(os, "replace", crashing_rename)
+        with pytest.raises(OSError, match="crash"):
+            checkpoint.save_checkpoint(directory, model, tokenizer, {"step": 2})
+        monkeypatch.setattr(os, "replace", rename)
+        best = checkpoint.best_checkpoint(out)  # the next run's look for the best model puts everything back
+        assert best == out / "best" and checkpoint.load_run_info(best)["step"] == 1, (directory, crash_at)
+        assert checkpoint.load_run_info(out)["step"] == 1 and len(calls) == crash_at + 1
+    checkpoint.save_checkpoint(out, model, tokenizer, {"step": 3})  # and the next save keeps it
+    assert checkpoint.load_run_info(out / "best")["step"] == 1 and checkpoint.load_run_info(out)["step"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"] and (out / "best" / checkpoint.WEIGHTS).exists()
+
+
+def test_the_run_keeps_its_best_model_across_saves_and_a_resume(data_dir, tmp_path):
+    val_losses = {4: 3.0, 8: 2.0, 12: 2.5, 16: 2.2}  # as if the validation loss rose after step 8
+    weights = {}
+
+    def make(**train):
+        trainer = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT, eval_interval=4, **train)
+        mean_loss = trainer.mean_loss
+
+        def scripted(split):
+            result = mean_loss(split)
+            if split == "val" and trainer.step in val_losses:
+                weights[trainer.step] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+                result["loss"] = val_losses[trainer.step]
+            return result
+
+        trainer.mean_loss = scripted
+        return trainer
+
+    crashing = make()
+    crash_during_step(crashing, 11, RuntimeError("simulated crash"))  # after the best (step 8) and a save
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.train()
+    make(resume=True).train()  # must remember that step 8's 2.0 is the best: 2.5 and 2.2 are not
+    info = checkpoint.load_run_info(tmp_path / "ckpt" / "best")
+    assert info["step"] == 8 and info["metrics"]["val_loss"] == 2.0 and "train_loss" in info["metrics"]
+    assert checkpoint.load_run_info(tmp_path / "ckpt")["step"] == 16
+    best = GPT.from_pretrained(checkpoint.best_checkpoint(tmp_path / "ckpt")).state_dict()
+    assert all(torch.equal(best[k], weights[8][k]) for k in best)
 
 
 def test_checkpoint_round_trip_and_mismatch_errors(tmp_path, tokenizer):
@@ -111,3 +170,43 @@ def test_missing_data_is_one_line_error(tmp_path):
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "Traceback" not in result.stderr
+
+
+class OverflowAboveScale(torch.autograd.Function):
+    """Identity on the loss whose gradient overflows (inf) while the fp16 loss scale is above 2**4."""
+
+    @staticmethod
+    def forward(ctx, loss, scale):
+        ctx.overflow = scale > 2**4
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf") if ctx.overflow else grad, None
+
+
+def test_grad_scaler_calibration_is_not_counted_as_divergence(data_dir, tmp_path):
+    """fp16's GradScaler starts at 2**16 and halves on overflowing gradients: 12 such skipped steps here, more than
+    the 10 non-finite steps that stop a run, which must not stop it. A non-finite loss still counts."""
+    expected = make_trainer(data_dir, tmp_path / "plain", max_steps=4)
+    expected.sampler.position = 12  # the batches of the skipped steps are drawn and dropped
+    expected.train()
+    trainer = make_trainer(data_dir, tmp_path / "scaled", max_steps=4)
+    trainer.scaler = torch.amp.GradScaler("cpu")  # as with --dtype float16, on float32 arithmetic
+    compute_loss = trainer.compute_loss
+
+    def overflowing(model, batch):
+        loss, metrics = compute_loss(model, batch)
+        return OverflowAboveScale.apply(loss, trainer.scaler.get_scale()), metrics
+
+    trainer.compute_loss = overflowing
+    trainer.train()
+    assert trainer.step == 4 and trainer.scaler.get_scale() == 2**4
+    a, b = expected.model.state_dict(), trainer.model.state_dict()  # scaling by powers of 2 is exact
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+    nan_loss = make_trainer(data_dir, tmp_path / "nan", max_steps=4)
+    nan_loss.scaler = torch.amp.GradScaler("cpu")
+    nan_loss.compute_loss = lambda model, batch: (compute_loss(model, batch)[0] * float("nan"), {})
+    with pytest.raises(RuntimeError, match="10 non-finite steps in a row"):
+        nan_loss.train()
