@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_DATA_DIR = "data/storyworld"  # the embedded data set, generated on first use (prepare.data_path)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every block projection
+QUANT_SCHEMES = ("int8", "nf4", "fp16", "bf16")  # the low-precision weight formats of quant.py
 
 
 def option(text: str, **kwargs):
@@ -252,7 +253,8 @@ def parse_args(cls, argv: list[str] | None = None, description: str = ""):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(parser, cls)
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    return cls(**{k: v for k, v in vars(ns).items() if v is not None})
+    with exit_on_bad_input():  # a value the config's __post_init__ refuses
+        return cls(**{k: v for k, v in vars(ns).items() if v is not None})
 
 
 def parse_train_args(train_cls, argv: list[str] | None = None, description: str = ""):
@@ -268,7 +270,8 @@ def parse_train_args(train_cls, argv: list[str] | None = None, description: str 
     model_names = {f.name for f in dataclasses.fields(ModelConfig)}
     train_kwargs = {k: v for k, v in ns.items() if v is not None and k not in model_names}
     model_overrides = {k: v for k, v in ns.items() if v is not None and k in model_names}
-    return train_cls(**train_kwargs), model_overrides
+    with exit_on_bad_input():  # a value the config's __post_init__ refuses
+        return train_cls(**train_kwargs), model_overrides
 
 
 @contextmanager
@@ -322,8 +325,28 @@ class SFTConfig(FineTuneOptions, TrainConfig):
                              default=False)
 
 
+def check_scheme_option(flag: str, value: str) -> None:
+    """A one-line ValueError unless value is '' (full precision) or one of QUANT_SCHEMES."""
+    if value not in ("", *QUANT_SCHEMES):
+        raise ValueError(f"--{flag} must be one of {', '.join(QUANT_SCHEMES)} (or left out), got {value!r}")
+
+
 @dataclass
-class LoRAOptions:
+class QuantizeOption:
+    """--quantize, said once for everything that loads a model to train adapters on or to run (quant.py); mixed
+    into LoRAOptions and the configs of demo.py, serve.py and eval.py."""
+
+    quantize: str = option(f"hold the linear layers' weights in low precision: {', '.join(QUANT_SCHEMES)} (quant.py); "
+                           "'' = as saved. With LoRA: the frozen base (QLoRA; the adapters stay in the compute "
+                           "dtype, the output head in full precision); for inference: every linear layer and the "
+                           "head (int8 decodes fastest on a CPU)", default="")
+
+    def __post_init__(self):
+        check_scheme_option("quantize", self.quantize)
+
+
+@dataclass
+class LoRAOptions(QuantizeOption):
     """The adapter options of the stages that can train through LoRA (lora.py); mixed into their configs."""
 
     lora_r: int = option("adapter rank r", default=8)
@@ -371,3 +394,18 @@ class DPOConfig(LoRAOptions, FineTuneOptions, TrainConfig):
                         "higher --lr than full fine-tuning", default=False)
     eval_chats: str = option("held-out chats for the answer accuracy before, during and after DPO; '' = "
                              "<data_dir>/sft_val.jsonl", default="")
+    reference_quant: str = option(f"hold the frozen reference model's weights in low precision: "
+                                  f"{', '.join(QUANT_SCHEMES)} (quant.py); '' = as the policy", default="")
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_scheme_option("reference_quant", self.reference_quant)
+        if self.quantize and not self.lora:
+            raise ValueError("--quantize holds a frozen base quantised, so it needs --lora (for the reference model "
+                             "alone: --reference_quant)")
+        if self.reference_quant and self.lora:
+            raise ValueError("--reference_quant does not apply with --lora: the reference is the policy's frozen base, "
+                             "which --quantize holds quantised")
+        if self.reference_quant and self.precompute_ref:
+            raise ValueError("--reference_quant does not apply with --precompute_ref: the reference's "
+                             "log-probabilities are computed once by the policy itself, and no reference is kept")

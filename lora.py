@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from checkpoint import check_state_matches, load_run_info, read_tensors, save_checkpoint
 from configs import LORA_TARGETS
 from model import GPT
-from quant import QuantLinear, dequantize_model, quantize_model
+from quant import QuantLinear, dequantize_model, quantization_of, quantize_model
 from tokenizer import Tokenizer
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -84,7 +84,7 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def apply_lora(model: nn.Module, targets=LORA_TARGETS, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+def apply_lora(model: GPT, targets=LORA_TARGETS, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                use_rslora: bool = False) -> dict[str, int]:
     """Wrap every nn.Linear (or quantised QuantLinear) named in targets (its name, or its name's last part) and
     freeze all else.
@@ -109,7 +109,7 @@ def apply_lora(model: nn.Module, targets=LORA_TARGETS, r: int = 8, alpha: float 
         p.requires_grad = ".lora_" in f".{name}"
     return {"wrapped": len(lora_layers(model)),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in model.parameters())}
+            "total": model.num_params()}
 
 
 @contextmanager
@@ -150,9 +150,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- adapter checkpoints
 def save_lora_checkpoint(directory, model: GPT, tokenizer: Tokenizer, base_dir, lora_config: dict, run_info: dict,
                          train_state: dict | None = None) -> Path:
-    """Atomically write an adapter-only checkpoint: adapters, their config (with the base), run info."""
+    """Atomically write an adapter-only checkpoint: adapters, their config (with the base, and how the base was
+    quantised, QLoRA, or None), run info."""
     base_dir = Path(base_dir)
-    config = {**lora_config, "base_checkpoint": str(base_dir), "base_step": load_run_info(base_dir).get("step")}
+    config = {**lora_config, "base_checkpoint": str(base_dir), "base_step": load_run_info(base_dir).get("step"),
+              "quantization": quantization_of(model)}
     return save_checkpoint(directory, model, tokenizer, run_info, train_state,
                            extra_files={ADAPTER_WEIGHTS: adapter_state(model)},
                            extra_json={ADAPTER_CONFIG: config}, save_weights=False)
@@ -199,12 +201,13 @@ def load_adapters(model: nn.Module, directory) -> None:
 
 def load_lora_checkpoint(directory, device="cpu") -> tuple[GPT, Tokenizer]:
     """The base model of an adapter checkpoint with its adapters applied (unmerged, in eval mode). Adapters trained
-    on a quantised base (QLoRA: "quantize" in the adapter config) get the base quantised the same way again."""
+    on a quantised base (QLoRA: "quantization" in the adapter config) get the base quantised the same way again."""
     config = read_adapter_config(directory)
     base = check_base(config, directory)
     model = GPT.from_pretrained(base)
-    if config.get("quantize"):
-        quantize_model(model, config["quantize"], double_quant=config.get("double_quant", False))
+    recorded = config.get("quantization")
+    if recorded and quantization_of(model) is None:  # else the base checkpoint was saved quantised
+        quantize_model(model, recorded["scheme"], recorded["head"], recorded["double_quant"], recorded["block_size"])
     apply_lora(model, config["targets"], config["r"], config["alpha"], config.get("dropout", 0.0),
                config.get("use_rslora", False))
     load_adapters(model, directory)

@@ -94,8 +94,10 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
-        """Parameter count (a tied embedding counted once)."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameter count (a tied embedding counted once; a quantised layer's weights, frozen buffers, count too)."""
+        quantised = sum(m.num_weights() for name, m in self.named_modules() if isinstance(m, quant.QuantLinear)
+                        and not (name == "lm_head" and self.config.tie_embeddings))  # a copy of the embedding
+        return sum(p.numel() for p in self.parameters()) + quantised
 
     def num_active_params(self) -> int:
         """Parameters used per token: with MoE, the routed experts a token does not visit are left out."""
@@ -258,15 +260,12 @@ class GPT(nn.Module):
         model = cls(dataclasses.replace(load_config(directory), **(overrides or {})))
         saved = None if is_hf_model(directory) else saved_quantization(directory)
         if saved:  # the quantised layers must exist before their packed weights load into them
-            quant.check_scheme(saved, quantize, directory / WEIGHTS)
             quant.quantize_model(model, saved["scheme"], saved["head"], saved["double_quant"], saved["block_size"])
         if is_hf_model(directory):
             model._load_hf_state(read_hf_weights(directory), str(directory))
         else:
             load_weights(model, directory)
-        if quantize and not saved:
-            quant.quantize_model(model, quantize, head=True)
-        return model.to(device)
+        return quant.quantize_as(model, quantize, directory / WEIGHTS).to(device)
 
     @classmethod
     def from_transformers(cls, hf_model) -> "GPT":

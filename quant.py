@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import QUANTIZATION_KEY, save_checkpoint
+from configs import QUANT_SCHEMES as SCHEMES
 
-SCHEMES = ("int8", "nf4", "fp16", "bf16")
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -288,6 +288,10 @@ class QuantLinear(nn.Module):
         y = y.view(*x.shape[:-1], self.out_features)
         return y if bias is None else y + bias
 
+    def num_weights(self) -> int:
+        """The weights (and biases) the layer stands for."""
+        return self.in_features * self.out_features + (0 if self.bias is None else self.bias.numel())
+
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the dequantised weight."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
@@ -364,8 +368,19 @@ def save_quantized(directory, model: nn.Module, tokenizer, run_info: dict) -> Pa
     return save_checkpoint(directory, model, tokenizer, run_info, weights_metadata={QUANTIZATION_KEY: json.dumps(info)})
 
 
-def check_scheme(recorded: dict | None, wanted: str | None, source: str) -> None:
+def check_scheme(recorded: dict | None, wanted: str | None, source) -> None:
     """Refuse to load a checkpoint quantised with one scheme as another (one line naming the file)."""
-    if recorded is not None and wanted is not None and recorded["scheme"] != wanted:
+    if recorded and wanted and recorded["scheme"] != wanted:
         raise ValueError(f"{source}: quantised as {recorded['scheme']}, cannot load it as {wanted} "
                          f"(quantise the float checkpoint to {wanted} instead)")
+
+
+def quantize_as(model: nn.Module, scheme: str | None, source, head: bool = True) -> nn.Module:
+    """The model with its linear layers in `scheme` ('' or None: as it is); returns it. A float model is quantised
+    (its output head too if head); a model loaded quantised must already be in that scheme (check_scheme, naming
+    source)."""
+    current = quantization_of(model)
+    check_scheme(current, scheme, source)
+    if scheme and current is None:
+        quantize_model(model, scheme, head=head)
+    return model

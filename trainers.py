@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import lora
+import quant
 from checkpoint import (
     best_checkpoint,
     describe,
@@ -575,12 +576,18 @@ class LoRAMixin:
         return True
 
     def build_lora_model(self, base_dir) -> tuple[GPT, Tokenizer]:
-        """Fresh adapters on base_dir; when resuming, out_dir's adapters on their own base with their own
-        settings, whatever the flags say now. The base becomes init_source."""
+        """Fresh adapters on base_dir, its linear layers quantised with --quantize (QLoRA; the output head stays
+        as it is); when resuming, out_dir's adapters on their own base with their own settings and quantisation,
+        whatever the flags say now (another --quantize is refused). The base becomes init_source."""
         cfg = self.cfg
         if cfg.resume:
             config = lora.read_adapter_config(self.out_dir)
             base_dir = lora.check_base(config, self.out_dir)
+            recorded = config.get("quantization")
+            trained_on = recorded["scheme"] if recorded else "float"
+            if cfg.quantize and cfg.quantize != trained_on:
+                raise ValueError(f"{self.out_dir / lora.ADAPTER_CONFIG}: the adapters were trained on a {trained_on} "
+                                 f"base; --resume cannot continue them on a {cfg.quantize} one (leave --quantize out)")
         else:
             config = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                       "use_rslora": cfg.use_rslora,
@@ -588,6 +595,13 @@ class LoRAMixin:
         self.init_source = str(base_dir)
         self.lora_settings = {k: config[k] for k in ("r", "alpha", "dropout", "use_rslora", "targets")}
         model, tokenizer = self.load_pretrained(self.init_source)
+        if not cfg.resume:  # QLoRA: the output head stays as it is, as in bitsandbytes' and peft's QLoRA
+            quant.quantize_as(model, cfg.quantize, self.init_source, head=False)
+        elif recorded and quant.quantization_of(model) is None:  # else the base was saved quantised, and loaded so
+            quant.quantize_model(model, **recorded)
+        if quant.quantization_of(model):
+            self.log(f"the frozen base is held in {quant.quantization_of(model)['scheme']}: "
+                     f"{quant.linear_weight_bytes(model) / 1e6:.1f} MB of linear weights")
         counts = lora.apply_lora(model, **self.lora_settings)
         if cfg.resume:
             lora.load_adapters(model, self.out_dir)
@@ -646,13 +660,23 @@ class DPOTrainer(LoRAMixin, Trainer):
         elif self.cfg.resume:
             self.init_source = load_run_info(self.out_dir).get("init_from") or self.cfg.init_from
             model, tokenizer = self.load_pretrained(self.out_dir)
-            self.reference = self.load_start(self.init_source)[0].requires_grad_(False)
+            self.reference = self.frozen_reference(self.load_start(self.init_source)[0])
         else:
             self.init_source = str(self.start_dir(("sft",)))
             model, tokenizer = self.load_start(self.init_source)
             # Precomputing reads the untrained policy itself; otherwise training needs a copy that stays put.
-            self.reference = model if self.cfg.precompute_ref else copy.deepcopy(model).requires_grad_(False)
+            self.reference = model if self.cfg.precompute_ref else self.frozen_reference(copy.deepcopy(model))
         return model, tokenizer
+
+    def frozen_reference(self, model: GPT) -> GPT:
+        """The reference: frozen, and with --reference_quant its linear layers quantised (an untied output head
+        too; a tied one stays shared with the embedding)."""
+        model.requires_grad_(False)
+        if self.cfg.reference_quant:
+            quant.quantize_model(model, self.cfg.reference_quant, head=not model.config.tie_embeddings)
+            self.log(f"the reference is held in {self.cfg.reference_quant}: "
+                     f"{quant.linear_weight_bytes(model) / 1e6:.1f} MB of linear weights")
+        return model
 
     def load_start(self, directory) -> tuple[GPT, Tokenizer]:
         """A full checkpoint, or an adapter checkpoint (checkpoint/lora) with its adapters folded into its base."""

@@ -1,6 +1,7 @@
 """Quantisation (quant.py): NF4 codes against bitsandbytes, round-trip error bounds, the CPU kernels against the
 torch path, whole models, quantised checkpoints, and QLoRA (lora.py on a quantised base)."""
 
+import math
 import platform
 import shutil
 
@@ -10,11 +11,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import checkpoint
+import demo
 import lora
 import quant
-from configs import LORA_TARGETS, ModelConfig
+import serve
+from configs import LORA_TARGETS, DPOConfig, LoRAConfig, ModelConfig, parse_train_args
+from eval import EvalConfig
 from model import GPT
-from tests.helpers import TINY_MODEL
+from pretrained import load_checkpoint
+from tests.helpers import TINY_MODEL, crash_during_step, make_checkpoint, write_jsonl
+from trainers import DPOTrainer, LoRATrainer
 
 MODEL = {**TINY_MODEL, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128}  # in_features multiples of 64
 
@@ -284,8 +290,9 @@ def test_qlora_adapters_merge_into_the_dequantised_base(tmp_path, tokenizer):
     model = quant.quantize_model(GPT.from_pretrained(tmp_path / "base"), "nf4")
     lora.apply_lora(model, r=4, alpha=8)
     randomise_adapters(model)
-    settings = {"r": 4, "alpha": 8, "targets": list(LORA_TARGETS), "quantize": "nf4"}
+    settings = {"r": 4, "alpha": 8, "targets": list(LORA_TARGETS)}
     lora.save_lora_checkpoint(tmp_path / "qlora", model, tokenizer, tmp_path / "base", settings, {"step": 5})
+    assert lora.read_adapter_config(tmp_path / "qlora")["quantization"] == quant.quantization_of(model)
     reloaded, _ = lora.load_lora_checkpoint(tmp_path / "qlora")
     assert quant.quantization_of(reloaded)["scheme"] == "nf4"
     idx = torch.randint(0, tokenizer.vocab_size, (2, 16))
@@ -306,3 +313,120 @@ def test_qlora_adapters_merge_into_the_dequantised_base(tmp_path, tokenizer):
         lora.merge_and_unload(partial)
         assert quant.quantization_of(partial) is None and not lora.lora_layers(partial)
         torch.testing.assert_close(partial(idx), want, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the stages: QLoRA, DPO, loading
+def qlora_config(d, **kw) -> LoRAConfig:
+    return LoRAConfig(**{**dict(data_dir=str(d), out_dir=str(d / "qlora"), init_from=str(d / "pretrain"),
+                                sft_data=str(d / "train.jsonl"), sft_val_data=str(d / "val.jsonl"), device="cpu",
+                                batch_size=8, max_steps=8, warmup_steps=2, lr=1e-2, eval_iters=2, log_interval=4,
+                                save_interval=4, eval_samples=0, lora_r=4, quantize="nf4"), **kw})
+
+
+def test_qlora_trainer_trains_saves_and_resumes_on_its_scheme(sft_dirs):
+    trainer = LoRATrainer(qlora_config(sft_dirs, max_steps=16), {})
+    assert quant.quantization_of(trainer.model) == {"scheme": "nf4", "head": False, "double_quant": False,
+                                                    "block_size": 64}
+    assert all(".lora_" in n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    before = trainer.evaluate()["val_loss"]
+    qlora_loss = trainer.train()["val_loss"]
+    lora_loss = LoRATrainer(qlora_config(sft_dirs, max_steps=16, quantize="", out_dir=str(sft_dirs / "lora")),
+                            {}).train()["val_loss"]
+    assert qlora_loss < before - 0.2 and qlora_loss == pytest.approx(lora_loss, rel=0.05)
+    out = sft_dirs / "qlora"
+    assert lora.read_adapter_config(out)["quantization"]["scheme"] == "nf4"
+    model, _ = lora.load_lora_checkpoint(out)
+    trainer.model.eval()
+    idx = torch.randint(0, model.config.vocab_size, (2, 16))
+    assert torch.equal(model(idx), trainer.model(idx))
+
+    # An interrupted QLoRA run resumes on its own scheme to the same result as an uninterrupted one.
+    whole = LoRATrainer(qlora_config(sft_dirs, out_dir=str(sft_dirs / "whole")), {}).train()["val_loss"]
+    crashing = LoRATrainer(qlora_config(sft_dirs, out_dir=str(sft_dirs / "resumed")), {})
+    crash_during_step(crashing, 6, RuntimeError("simulated crash"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crashing.train()
+    resumed = LoRATrainer(qlora_config(sft_dirs, out_dir=str(sft_dirs / "resumed"), resume=True, quantize=""), {})
+    assert resumed.step == 4 and quant.quantization_of(resumed.model)["scheme"] == "nf4"
+    assert resumed.train()["val_loss"] == pytest.approx(whole, abs=1e-6)
+    # Another scheme is refused with one line, when resuming and when loading the adapters to chat with.
+    with pytest.raises(ValueError, match=r"qlora/adapter_config.json: the adapters were trained on a nf4 base; "
+                                         r"--resume cannot continue them on a int8 one"):
+        LoRATrainer(qlora_config(sft_dirs, resume=True, quantize="int8"), {})
+    with pytest.raises(ValueError, match=r"qlora/adapter_config.json: quantised as nf4, cannot load it as int8"):
+        load_checkpoint(out, quantize="int8")
+    assert quant.quantization_of(load_checkpoint(out, quantize="nf4")[0])["scheme"] == "nf4"
+
+
+def test_scheme_flags_are_checked_once_for_every_stage_and_entry_point(tmp_path):
+    with pytest.raises(SystemExit, match="error: --quantize must be one of int8, nf4, fp16, bf16 .*got 'int4'"):
+        parse_train_args(LoRAConfig, ["--quantize", "int4"])
+    for config in (DPOConfig, demo.DemoConfig, serve.ServeConfig, EvalConfig):
+        with pytest.raises(ValueError, match="--quantize must be one of"):
+            config(quantize="4bit")
+    with pytest.raises(ValueError, match="--reference_quant must be one of"):
+        DPOConfig(reference_quant="int4")
+    with pytest.raises(ValueError, match="--quantize holds a frozen base quantised, so it needs --lora"):
+        DPOConfig(quantize="nf4")
+    with pytest.raises(ValueError, match="--reference_quant does not apply with --lora"):
+        DPOConfig(reference_quant="nf4", lora=True)
+    with pytest.raises(ValueError, match="--reference_quant does not apply with --precompute_ref"):
+        DPOConfig(reference_quant="nf4", precompute_ref=True)
+
+
+@pytest.fixture
+def dpo_dirs(tmp_path, tokenizer):
+    make_checkpoint(tmp_path / "sft", tokenizer, "sft")
+    pairs = [{"prompt": f"{n} has a {good} and a {bad}. What does {n} like?", "chosen": f"{n} likes the {good}.",
+              "rejected": f"{n} likes the {bad}."}
+             for n in ("Tom", "Mia", "Ben", "Lily") for good in ("ball", "kite") for bad in ("cat", "cake")]
+    write_jsonl(tmp_path / "train.jsonl", pairs[:12])
+    write_jsonl(tmp_path / "val.jsonl", pairs[12:])
+    return tmp_path
+
+
+def make_dpo(root, **train) -> DPOTrainer:
+    options = dict(init_from=str(root / "sft"), out_dir=str(root / "dpo"), data_dir=str(root),
+                   train_file=str(root / "train.jsonl"), val_file=str(root / "val.jsonl"), device="cpu", batch_size=4,
+                   max_steps=20, warmup_steps=2, lr=3e-3, min_lr=3e-4, eval_interval=20, eval_iters=1,
+                   save_interval=10, beta=0.5, eval_samples=0)
+    return DPOTrainer(DPOConfig(**{**options, **train}))
+
+
+def test_dpo_with_an_int8_reference(dpo_dirs):
+    trainer = make_dpo(dpo_dirs, reference_quant="int8")
+    reference = trainer.reference
+    assert quant.quantization_of(reference) == {"scheme": "int8", "head": False, "double_quant": False,
+                                                "block_size": 64}  # the tied head stays the embedding
+    assert quant.quantization_of(trainer.model) is None  # the policy trains in full precision
+    float_bytes = quant.linear_weight_bytes(trainer.model) - trainer.model.embed.weight.numel() * 4
+    assert quant.linear_weight_bytes(reference) - reference.embed.weight.numel() * 4 < float_bytes / 3
+    # Its log-probabilities stay close to the float reference's: the policy starts almost where the reference is.
+    assert trainer.evaluate()["val_loss"] == pytest.approx(math.log(2), abs=2e-3)
+    results = trainer.train()
+    assert results["val_rewards/accuracy"] > 0.9 and results["val_rewards/margin"] > 0
+    resumed = make_dpo(dpo_dirs, reference_quant="int8", max_steps=24, resume=True)
+    assert resumed.step == 20 and quant.quantization_of(resumed.reference)["scheme"] == "int8"
+
+
+def test_dpo_with_lora_on_an_nf4_base(dpo_dirs):
+    trainer = make_dpo(dpo_dirs, lora=True, quantize="nf4", lr=1e-2)
+    assert trainer.reference is None and quant.quantization_of(trainer.model)["scheme"] == "nf4"
+    assert trainer.evaluate()["val_loss"] == pytest.approx(math.log(2), abs=1e-5)  # reference = the nf4 base
+    results = trainer.train()
+    assert results["val_rewards/accuracy"] > 0.9 and results["val_rewards/margin"] > 0
+    assert lora.read_adapter_config(dpo_dirs / "dpo")["quantization"]["scheme"] == "nf4"
+
+
+def test_demo_and_server_load_quantised_through_one_flag(tmp_path, tokenizer, capsys):
+    ckpt = make_checkpoint(tmp_path / "sft", tokenizer, "sft")
+    cfg = demo.DemoConfig(checkpoint=str(ckpt), quantize="int8", prompt="hi", temperature=0, max_new_tokens=4,
+                          compile="false", device="cpu", output_dir=str(tmp_path / "demo"))
+    model = demo.Demo(cfg).model
+    assert quant.quantization_of(model) == {"scheme": "int8", "head": True, "double_quant": False, "block_size": 64}
+    server = serve.load_server(serve.ServeConfig(checkpoint=str(ckpt), quantize="fp16", device="cpu"))
+    assert quant.quantization_of(server.engine.model)["scheme"] == "fp16"
+    saved = quant.save_quantized(tmp_path / "nf4", GPT.from_pretrained(ckpt, quantize="nf4"), tokenizer,
+                                 {"stage": "sft", "step": 0})
+    with pytest.raises(SystemExit, match=r"error: .*nf4/model.safetensors: quantised as nf4, cannot load it as int8"):
+        demo.main(["--checkpoint", str(saved), "--quantize", "int8", "--prompt", "hi"])
