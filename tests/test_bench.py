@@ -69,11 +69,17 @@ def test_cli_writes_json(tmp_path):
 def test_quantized_decoding_reports_its_weight_bytes(tmp_path):
     cfg = bench.BenchConfig(preset="tiny", vocab_size=320, parts="generate", hf=False, memory=False, warmup=0, steps=1,
                             new_tokens=4, prompt_len=4, peak_tflops=1, device="cpu", compile="false",
-                            quantize="int8", out=str(tmp_path / "b.json"))
+                            quantize="int8,nf4", out=str(tmp_path / "b.json"))
     report = bench.main(cfg)["generate"]
     float_matrices = bench.weight_matrices(GPT(get_config("tiny", vocab_size=320)), fused=False)
+    assert report["ours"]["weight_bytes_per_token"] == sum(4 * w.numel() for w in float_matrices)
     # int8: a byte a weight and a float32 scale a row, for every matrix, the (tied) output head included
-    assert report["ours"]["weight_bytes_per_token"] == sum(w.numel() + 4 * w.shape[0] for w in float_matrices)
-    assert report["ours"]["quantize"] == "int8" and report["ours"]["decode_tok_s"] > 0
+    assert report["ours_int8"]["weight_bytes_per_token"] == sum(w.numel() + 4 * w.shape[0] for w in float_matrices)
+    # nf4: half a byte a weight and a float32 absmax per block of 64
+    assert report["ours_nf4"]["weight_bytes_per_token"] == sum(w.numel() // 2 + 4 * w.numel() // 64
+                                                               for w in float_matrices)
+    for k in ("ours", "ours_int8", "ours_nf4"):
+        assert report[k]["decode_vs_ours"] == pytest.approx(report[k]["decode_tok_s"] / report["ours"]["decode_tok_s"])
+    assert (report["ours"]["quantize"], report["ours_int8"]["quantize"]) == ("float32", "int8")
     with pytest.raises(SystemExit, match="error: --quantize: unknown scheme 'int4'; choose from int8, nf4, fp16, bf16"):
-        bench.main(bench.BenchConfig(quantize="int4"))
+        bench.main(bench.BenchConfig(quantize="int8,int4"))
