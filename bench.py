@@ -41,7 +41,7 @@ from flops import device_peak_tflops, train_flops_per_token
 from hf import load_config, to_transformers
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
-from quant import SCHEMES, linear_weight_bytes, quantize_model
+from quant import INFERENCE_HEAD, SCHEMES, linear_weight_bytes, quantize_model
 
 PARTS = ("pretrain", "sft", "dpo", "dpo_pre", "generate")
 
@@ -69,8 +69,8 @@ class BenchConfig:
     prompt_len: int = option("prompt tokens for generation", default=64)
     new_tokens: int = option("tokens generated after the prompt", default=64)
     quantize: str = option(f"generation: also decode with copies of our model quantised in these comma-separated "
-                           f"schemes ({', '.join(SCHEMES)}; the output head too), in the same rounds as the float "
-                           "model; '' = none", default="")
+                           f"schemes ({', '.join(SCHEMES)}; the output head too, in 16 bits), in the same rounds as "
+                           "the float model; '' = none", default="")
     peak_tflops: float = option("the device's peak TFLOPS for MFU; 0 = GPU table, else a measured matmul",
                                 default=0.0)
     out: str = option("where the JSON results go", default="bench.json")
@@ -264,7 +264,7 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
     # Ours, and ours quantised in each scheme of --quantize (the floor stays the float model's).
     models = {"ours": runners["ours"].model}
     for scheme in quant_schemes(cfg):
-        models[f"ours_{scheme}"] = quantize_model(copy.deepcopy(models["ours"]), scheme, head=True)
+        models[f"ours_{scheme}"] = quantize_model(copy.deepcopy(models["ours"]), scheme, head=INFERENCE_HEAD[scheme])
     if pick_compile(cfg.compile, device):
         for name, model in models.items():
             if model.compile_decoding():

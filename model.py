@@ -253,8 +253,8 @@ class GPT(nn.Module):
         model fields to change on the way (e.g. dropout).
 
         quantize (quant.SCHEMES: int8, nf4, fp16, bf16) quantises it for inference: every linear layer, the output
-        head included (the embedding stays float). A checkpoint saved quantised (quant.save_quantized) loads in the
-        scheme it was saved in; asking for another is refused.
+        head in 16 bits (quant.INFERENCE_HEAD; the embedding stays float). A checkpoint saved quantised
+        (quant.save_quantized) loads in the scheme it was saved in; asking for another is refused.
         """
         directory = resolve(path)
         model = cls(dataclasses.replace(load_config(directory), **(overrides or {})))

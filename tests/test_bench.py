@@ -73,11 +73,13 @@ def test_quantized_decoding_reports_its_weight_bytes(tmp_path):
     report = bench.main(cfg)["generate"]
     float_matrices = bench.weight_matrices(GPT(get_config("tiny", vocab_size=320)), fused=False)
     assert report["ours"]["weight_bytes_per_token"] == sum(4 * w.numel() for w in float_matrices)
-    # int8: a byte a weight and a float32 scale a row, for every matrix, the (tied) output head included
-    assert report["ours_int8"]["weight_bytes_per_token"] == sum(w.numel() + 4 * w.shape[0] for w in float_matrices)
+    *body, head = float_matrices  # the (tied) output head is quantised too, to float16
+    # int8: a byte a weight and a float32 scale a row
+    assert report["ours_int8"]["weight_bytes_per_token"] == sum(w.numel() + 4 * w.shape[0] for w in body) + \
+        2 * head.numel()
     # nf4: half a byte a weight and a float32 absmax per block of 64
-    assert report["ours_nf4"]["weight_bytes_per_token"] == sum(w.numel() // 2 + 4 * w.numel() // 64
-                                                               for w in float_matrices)
+    assert report["ours_nf4"]["weight_bytes_per_token"] == sum(w.numel() // 2 + 4 * w.numel() // 64 for w in body) + \
+        2 * head.numel()
     for k in ("ours", "ours_int8", "ours_nf4"):
         assert report[k]["decode_vs_ours"] == pytest.approx(report[k]["decode_tok_s"] / report["ours"]["decode_tok_s"])
     assert (report["ours"]["quantize"], report["ours_int8"]["quantize"]) == ("float32", "int8")

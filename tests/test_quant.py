@@ -197,14 +197,18 @@ def test_the_head_is_quantised_only_when_asked():
     tied = tiny_gpt()
     embedding = tied.embed.weight.detach().clone()
     quant.quantize_model(tied, "int8", head=True)
-    assert isinstance(tied.lm_head, quant.QuantLinear) and quant.quantization_of(tied)["head"]
+    assert isinstance(tied.lm_head, quant.QuantLinear) and quant.quantization_of(tied)["head"] == "int8"
     assert torch.equal(tied.embed.weight, embedding)  # the embedding keeps its float weight
-    with pytest.raises(ValueError, match="unknown quantisation scheme 'int4'; choose one of int8, nf4, fp16, bf16"):
-        quant.quantize_model(tiny_gpt(), "int4")
+    mixed = quant.quantize_model(tiny_gpt(), "nf4", head="fp16")  # a head in another scheme
+    assert mixed.lm_head.qweight.dtype == torch.float16 and mixed.layers[0].mlp.up_proj.scheme == "nf4"
+    assert quant.quantization_of(mixed) == {"scheme": "nf4", "head": "fp16", "double_quant": False, "block_size": 64}
+    for scheme, head in (("int4", False), ("int8", "int4")):
+        with pytest.raises(ValueError, match="unknown quantisation scheme 'int4'; choose one of int8, nf4, fp16, bf16"):
+            quant.quantize_model(tiny_gpt(), scheme, head=head)
 
 
 @pytest.mark.parametrize("scheme, kwargs", [("nf4", {"double_quant": True}), ("int8", {"head": True}),
-                                            ("bf16", {})])
+                                            ("int8", {"head": "fp16"}), ("bf16", {})])
 def test_quantised_checkpoints_save_and_load(tmp_path, tokenizer, scheme, kwargs):
     model = quant.quantize_model(tiny_gpt(vocab_size=tokenizer.vocab_size), scheme, **kwargs)
     directory = quant.save_quantized(tmp_path / "q", model, tokenizer, {"stage": "quantised", "step": 0})
@@ -226,7 +230,8 @@ def test_a_float_checkpoint_loads_quantised_for_inference(tmp_path, tokenizer):
     model = tiny_gpt(vocab_size=tokenizer.vocab_size)
     checkpoint.save_checkpoint(tmp_path / "f", model, tokenizer, {"stage": "pretrain", "step": 0})
     loaded = GPT.from_pretrained(tmp_path / "f", quantize="nf4")
-    assert quant.quantization_of(loaded) == {"scheme": "nf4", "head": True, "double_quant": False, "block_size": 64}
+    # For inference the head is quantised too, in 16 bits (quant.INFERENCE_HEAD)
+    assert quant.quantization_of(loaded) == {"scheme": "nf4", "head": "fp16", "double_quant": False, "block_size": 64}
     with pytest.raises(ValueError, match="save_quantized: the model is not quantised"):
         quant.save_quantized(tmp_path / "x", model, tokenizer, {})
 
@@ -423,7 +428,7 @@ def test_demo_and_server_load_quantised_through_one_flag(tmp_path, tokenizer, ca
     cfg = demo.DemoConfig(checkpoint=str(ckpt), quantize="int8", prompt="hi", temperature=0, max_new_tokens=4,
                           compile="false", device="cpu", output_dir=str(tmp_path / "demo"))
     model = demo.Demo(cfg).model
-    assert quant.quantization_of(model) == {"scheme": "int8", "head": True, "double_quant": False, "block_size": 64}
+    assert quant.quantization_of(model) == {"scheme": "int8", "head": "fp16", "double_quant": False, "block_size": 64}
     server = serve.load_server(serve.ServeConfig(checkpoint=str(ckpt), quantize="fp16", device="cpu"))
     assert quant.quantization_of(server.engine.model)["scheme"] == "fp16"
     saved = quant.save_quantized(tmp_path / "nf4", GPT.from_pretrained(ckpt, quantize="nf4"), tokenizer,
