@@ -3,7 +3,7 @@
     python demo.py                                  # the newest run under checkpoint/ (its best model)
     python demo.py --checkpoint checkpoint/sft --top_p 0.95 --system "You tell stories to children."
     python demo.py --prompt "Who is Lily?"          # answer one prompt and exit (for scripts)
-    python demo.py --quantize int8                  # int8 weights: about 2x faster replies on a CPU
+    python demo.py --quantize int8                  # int8 weights: faster replies on a CPU (quant.py)
 
 A chat checkpoint (sft, dpo, lora) runs as a multi-turn chat through the ChatML template. A pretraining
 checkpoint has never seen the template, so it continues the text you type instead (--mode overrides).
