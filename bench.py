@@ -31,12 +31,14 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from configs import get_config, option, parse_args
+from configs import PRESETS, check_options, device_rules, exit_on_bad_input, get_config, option, parse_args
 from devices import autocast, compile_or_eager, peak_rss_bytes, pick_compile, pick_device, pick_dtype
+from fileio import writable_dir
 from flops import device_peak_tflops, train_flops_per_token
 from hf import load_config, to_transformers
 from loss import DPOLoss, lm_loss, sequence_logps
@@ -74,6 +76,20 @@ class BenchConfig:
     peak_tflops: float = option("the device's peak TFLOPS for MFU; 0 = GPU table, else a measured matmul",
                                 default=0.0)
     out: str = option("where the JSON results go", default="bench.json")
+
+    def schemes(self) -> list[str]:
+        """The schemes of --quantize."""
+        return [s.strip() for s in self.quantize.split(",") if s.strip()]
+
+    def __post_init__(self):
+        parts = {p.strip() for p in self.parts.split(",") if p.strip()}
+        check_options(self, [
+            ("preset", self.preset in PRESETS, f"must be one of {', '.join(PRESETS)}"), *device_rules(self),
+            ("parts", parts and parts <= set(PARTS), f"must be comma-separated names of {', '.join(PARTS)}"),
+            ("quantize", set(self.schemes()) <= set(SCHEMES), f"must be comma-separated names of {', '.join(SCHEMES)}"),
+            *((name, getattr(self, name) >= 1, "must be >= 1") for name in (
+                "vocab_size", "batch_size", "seq_len", "steps", "gen_batch_size", "prompt_len", "new_tokens")),
+            *((name, getattr(self, name) >= 0, "must be >= 0") for name in ("warmup", "peak_tflops"))])
 
 
 # ----------------------------------------------------------------------------- peak
@@ -263,7 +279,7 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
     floors = {fused: matvec_pass(runners["ours"].model, cfg.gen_batch_size, device, fused) for fused in (False, True)}
     # Ours, and ours quantised in each scheme of --quantize (the floor stays the float model's).
     models = {"ours": runners["ours"].model}
-    for scheme in quant_schemes(cfg):
+    for scheme in cfg.schemes():
         models[f"ours_{scheme}"] = quantize_model(copy.deepcopy(models["ours"]), scheme, head=INFERENCE_HEAD[scheme])
     if pick_compile(cfg.compile, device):
         for name, model in models.items():
@@ -298,22 +314,10 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
     return results
 
 
-def quant_schemes(cfg: BenchConfig) -> list[str]:
-    """The schemes of --quantize, each checked."""
-    schemes = [s.strip() for s in cfg.quantize.split(",") if s.strip()]
-    unknown = [s for s in schemes if s not in SCHEMES]
-    if unknown:
-        raise SystemExit(f"error: --quantize: unknown scheme {unknown[0]!r}; choose from {', '.join(SCHEMES)}")
-    return schemes
-
-
 # ----------------------------------------------------------------------------- main
 def main(cfg: BenchConfig) -> dict:
     parts = [p.strip() for p in cfg.parts.split(",") if p.strip()]
-    unknown = set(parts) - set(PARTS)
-    if unknown:
-        raise SystemExit(f"error: --parts: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
-    quant_schemes(cfg)
+    writable_dir(Path(cfg.out).resolve().parent, "--out")
     device = pick_device(cfg.device)
     dtype = pick_dtype(cfg.dtype, device)
     names = ("ours", "hf") if cfg.hf and hf_available() else ("ours",)
@@ -393,4 +397,6 @@ def print_table(report: dict):
 
 
 if __name__ == "__main__":
-    main(parse_args(BenchConfig, description=__doc__))
+    config = parse_args(BenchConfig, description=__doc__)
+    with exit_on_bad_input():
+        main(config)

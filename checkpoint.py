@@ -3,6 +3,7 @@
 A checkpoint is a directory (e.g. checkpoint/pretrain/) holding:
   model.safetensors   the weights (safetensors: loading never unpickles code; a quantised model records its
                       scheme in the file's metadata, quant.save_quantized)
+  value_head.safetensors  only for a model with a value head (a reward model, a PPO policy and its critic)
   config.json         the ModelConfig
   run.json            stage, step, the checkpoint it started from, the training config
   tokenizer.tiktoken, tokenizer_config.json   the tokenizer, so the directory stands alone
@@ -10,11 +11,13 @@ A checkpoint is a directory (e.g. checkpoint/pretrain/) holding:
   metrics.jsonl       the training log, appended as the run goes
 
 It is written into `<dir>.tmp` and swapped in with renames, so a crash while saving leaves the previous
-checkpoint whole (at worst as `<dir>.old`, which the next load or save puts back). A checkpoint can hold others
-(`best/`, the run's best so far): each save of the outer one moves them into the new directory by a rename, and
-a save that crashes part-way leaves them where the next load or save finds them.
+checkpoint whole (at worst as `<dir>.old`, which the next load or save puts back, or clears if the swap was
+done). A checkpoint can hold others (`best/`, the run's best so far): each save of the outer one moves them into
+the new directory by a rename, and a save that crashes part-way leaves them where the next load or save finds
+them. A save that fails, e.g. on a full disk, removes what it wrote and says so in one line.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -30,6 +33,7 @@ from fileio import write_json
 
 WEIGHTS = "model.safetensors"
 QUANTIZATION_KEY = "quantization"  # model.safetensors' metadata entry naming a quantised model's scheme (quant.py)
+VALUE_HEAD = "value_head.safetensors"
 
 
 def _nested(directory: Path) -> list[Path]:
@@ -53,12 +57,21 @@ def _recover(directory: Path) -> None:
             _recover(leftover.with_name(leftover.name.removesuffix(".old")))
 
 
+def _kept(directory: Path) -> str:
+    """What a failed save of directory leaves in place, for its error message."""
+    if not (directory / "config.json").exists():
+        return "nothing was saved there"
+    step = json.loads((directory / "run.json").read_text()).get("step") if (directory / "run.json").exists() else None
+    return f"the step-{step} checkpoint is kept" if step is not None else "the checkpoint there is kept"
+
+
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The weights to save: contiguous copies, the tied output head left out (it is the embedding)."""
+    """The weights to save: contiguous copies, the tied output head left out (it is the embedding), and the
+    value head left out too (it has its own file, so that model.safetensors always loads as a plain GPT)."""
     state = model.state_dict()
     if getattr(model.config, "tie_embeddings", False):
         state.pop("lm_head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items() if not k.startswith("value_head.")}
 
 
 def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: dict | None = None,
@@ -79,20 +92,31 @@ def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: di
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)  # a save that crashed after its swap left it
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    if save_weights:
-        save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt", **(weights_metadata or {})})
-    for name, tensors in (extra_files or {}).items():
-        save_file(tensors, tmp / name, metadata={"format": "pt"})
-    for name, obj in (extra_json or {}).items():
-        write_json(tmp / name, obj)
-    write_json(tmp / "config.json", asdict(model.config))
-    write_json(tmp / "run.json", run_info)
-    tokenizer.save_pretrained(tmp)
-    if train_state is not None:
-        torch.save(train_state, tmp / "train_state.pt")
-    if (directory / "metrics.jsonl").exists():
-        shutil.copy2(directory / "metrics.jsonl", tmp / "metrics.jsonl")
+    try:
+        tmp.mkdir()
+        if save_weights:
+            save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt", **(weights_metadata or {})})
+        if getattr(model, "value_head", None) is not None:  # adapter-only checkpoints keep their trained head too
+            head = {k: v.detach().contiguous().cpu() for k, v in model.value_head.state_dict().items()}
+            save_file(head, tmp / VALUE_HEAD, metadata={"format": "pt"})
+        for name, tensors in (extra_files or {}).items():
+            save_file(tensors, tmp / name, metadata={"format": "pt"})
+        for name, obj in (extra_json or {}).items():
+            write_json(tmp / name, obj)
+        write_json(tmp / "config.json", asdict(model.config))
+        write_json(tmp / "run.json", run_info)
+        tokenizer.save_pretrained(tmp)
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+        if (directory / "metrics.jsonl").exists():
+            shutil.copy2(directory / "metrics.jsonl", tmp / "metrics.jsonl")
+    except Exception as e:
+        # torch.save reports a full disk as a RuntimeError ("unexpected pos"), safetensors as its own error type
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(tmp.parent).free < 2**20
+        shutil.rmtree(tmp, ignore_errors=True)  # no partial files left filling the disk
+        if full:
+            raise OSError(f"cannot save to {directory}: no space left; {_kept(directory)}") from None
+        raise
     for nested in _nested(directory):  # best/ moves into the new directory: a rename, not a copy
         os.replace(nested, tmp / nested.name)
     if directory.exists():
@@ -177,6 +201,16 @@ def load_weights(model: torch.nn.Module, directory, device="cpu") -> None:
     model.load_state_dict(loaded, strict=True)
 
 
+def load_value_head(model: torch.nn.Module, directory) -> None:
+    """Load value_head.safetensors into model.value_head (add_value_head first), checking that it matches."""
+    path = _checked_dir(directory) / VALUE_HEAD
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing, so {directory} holds no value head (no reward model or PPO run)")
+    loaded = read_tensors(path)
+    check_state_matches(model.value_head.state_dict(), loaded, str(path))
+    model.value_head.load_state_dict(loaded, strict=True)
+
+
 def load_train_state(directory) -> dict:
     path = _checked_dir(directory) / "train_state.pt"
     if not path.exists():
@@ -200,15 +234,16 @@ def describe(directory) -> str:
     return f"{directory} (step {info.get('step')}{': ' + scores if scores else ''})"
 
 
-def latest_checkpoint(root="checkpoint", stages: tuple[str, ...] | None = None) -> Path | None:
-    """The most recently written checkpoint directory under root (among `stages` if given): full checkpoints
-    and LoRA adapter-only ones alike, as every checkpoint holds a config.json."""
+def latest_checkpoint(root="checkpoint", stages: tuple[str, ...] | None = None,
+                      exclude: tuple[str, ...] = ()) -> Path | None:
+    """The most recently written checkpoint directory under root (among `stages` if given, never one named in
+    exclude): full checkpoints and LoRA adapter-only ones alike, as every checkpoint holds a config.json."""
     root = Path(root)
     if not root.is_dir():
         return None
     for d in root.iterdir():
         if d.name.endswith(".old"):
             _recover(d.with_name(d.name[:-4]))
-    names = stages if stages is not None else [d.name for d in root.iterdir()]
+    names = [n for n in (stages if stages is not None else [d.name for d in root.iterdir()]) if n not in exclude]
     found = [root / n for n in names if (root / n / "config.json").exists() and not n.endswith((".tmp", ".old"))]
     return max(found, key=lambda d: (d / "config.json").stat().st_mtime) if found else None

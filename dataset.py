@@ -1,9 +1,10 @@
-"""Training data: random windows from the prepared token files, chat records and preference pairs.
+"""Training data: random windows from the prepared token files, chat records, preference pairs and prompts.
 
 Chats and preference pairs are tokenised once into a cache beside their file (tokencache.py) and read from it a
 batch at a time, so a file of any size trains in the memory of a batch.
 """
 
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -13,7 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from tokencache import TokenRows, cache_dir, is_complete, write_rows
+from fileio import data_file
+from tokencache import TokenRows, cache_dir, file_digest, is_complete, write_rows
 from tokenizer import CHAT_ROLES
 
 
@@ -92,16 +94,14 @@ def read_jsonl(path, on_error=None) -> Iterator[tuple[int, dict]]:
 
     A bad line raises a DataError, or is passed to on_error(error) and skipped if on_error is given.
     """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing")
+    path = data_file(path)
     with open(path, "rb") as f:  # bytes, decoded line by line, so a bad encoding gets a line number too
         for line_no, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             where = f"{path}:{line_no}"
             try:
-                record = json.loads(raw.decode("utf-8"))
+                record = json.loads(raw.decode("utf-8-sig"))  # -sig: a byte-order mark (Windows editors) is skipped
             except UnicodeDecodeError:
                 error = DataError(f"{where}: not UTF-8 text")
             except json.JSONDecodeError as e:
@@ -184,6 +184,14 @@ def to_messages(record: dict, where: str) -> list[dict]:
     return check_messages(messages, where, "response")
 
 
+def first_question(messages: list[dict]) -> tuple[list[dict], str]:
+    """The prompt (system message if any, then the first user turn) and the expected first answer (the
+    answer accuracy's question, and GRPO's and PPO's prompts)."""
+    i = next(i for i, m in enumerate(messages) if m["role"] == "user")
+    answer = next(m["content"] for m in messages[i + 1:] if m["role"] == "assistant")
+    return messages[:i + 1], answer
+
+
 # ----------------------------------------------------------------------------- reading and caching records
 def where_prefix(source: str) -> str:
     """How messages name a record, less its number: "file:" (then the line), or "<dataset>:row " for hf:."""
@@ -261,6 +269,10 @@ def tokenized(source: str, tokenizer, kind: str, encode, skip_bad_rows: bool = F
     rows = TokenRows(directory)
     if rows.meta["skipped"] and not skip_bad_rows:
         raise DataError(rows.meta["first_error"])
+    if not len(rows):
+        raise DataError(f"{source}: no {kind}: " + (f"all {rows.meta['skipped']} rows are malformed, the first: "
+                                                     f"{rows.meta['first_error']}" if rows.meta["skipped"] else
+                                                     "it is empty"))
     return rows
 
 
@@ -273,14 +285,41 @@ class RowDataset:
     def __len__(self) -> int:
         return len(self.index)
 
+    def identity(self) -> tuple[Path, str]:
+        """(a path that files derived from these rows are named after, a text that changes whenever the rows, their
+        tokens or their order change): the key of the teacher's stored outputs (teachercache.py)."""
+        raise NotImplementedError
+
     def sampler(self, seed: int, rank: int = 0, world: int = 1) -> "RowSampler":
         return RowSampler(len(self), seed, rank, world)
 
-    def eval_batches(self, batch_size: int, n_batches: int, rank: int = 0, world: int = 1):
-        """The first n_batches * batch_size rows, in batches: the same at every call and on every rank."""
+    def eval_indices(self, batch_size: int, n_batches: int) -> list[list[int]]:
+        """The first n_batches * batch_size rows, in batches of indices: the same at every call and on every rank."""
         n = min(len(self), n_batches * batch_size)
-        for start in range(0, n, batch_size):
-            yield self.batch(list(range(start, min(n, start + batch_size))))
+        return [list(range(start, min(n, start + batch_size))) for start in range(0, n, batch_size)]
+
+    def eval_batches(self, batch_size: int, n_batches: int, rank: int = 0, world: int = 1):
+        """The batches of eval_indices."""
+        for indices in self.eval_indices(batch_size, n_batches):
+            yield self.batch(indices)
+
+
+class TextWindows(RowDataset):
+    """The token file of a split cut into consecutive windows of seq_len inputs (and the next token of each as
+    the last label), as rows: every window is visited once an epoch and always starts at the same token, so that
+    what a model predicts in it can be stored (distillation with --teacher_topk). The loss counts every token."""
+
+    def __init__(self, data_dir, split: str, seq_len: int):
+        self.windows = PretrainDataset(data_dir, split, seq_len)
+        self.seq_len, self.path = seq_len, Path(data_dir) / f"{split}.bin"
+        self.index = np.arange((len(self.windows.tokens) - 1) // seq_len)
+
+    def batch(self, indices) -> dict[str, torch.Tensor]:
+        batch = self.windows.batch(np.asarray(indices) * self.seq_len)
+        return {**batch, "loss_mask": torch.ones(batch["labels"].shape)}
+
+    def identity(self) -> tuple[Path, str]:
+        return self.path.parent / ".cache" / self.path.name, f"{file_digest(self.path).hex()} seq_len {self.seq_len}"
 
 
 # ----------------------------------------------------------------------------- supervised fine-tuning
@@ -296,14 +335,28 @@ def shift_chat(ids: list[int], mask: list[int], max_len: int) -> tuple[np.ndarra
     return ids[:-1], ids[1:], mask[1:]
 
 
+def token_weights(labels: np.ndarray, mask: np.ndarray, weighted_ids=(), weight: float = 1.0) -> np.ndarray:
+    """The loss weight of each label (float32): 0 where mask is 0, else 1, or `weight` for the ids in
+    weighted_ids (e.g. the reasoning format's <think> and </think>, --think_weight)."""
+    weights = mask.astype(np.float32)
+    if len(weighted_ids) and weight != 1:
+        weights[(mask != 0) & np.isin(labels, weighted_ids)] = weight
+    return weights
+
+
+def empty_chat_batch(rows: int, width: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """input_ids and labels all padding, loss_mask (a float weight per label) all 0, each (rows, width)."""
+    return {"input_ids": torch.full((rows, width), pad_id, dtype=torch.long),
+            "labels": torch.full((rows, width), pad_id, dtype=torch.long),
+            "loss_mask": torch.zeros((rows, width), dtype=torch.float32)}
+
+
 def pad_right(rows, width: int, pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids, labels, loss_mask (len(rows), width) from shift_chat's triples, padded on the right.
 
     Padding comes after the real tokens, so causal attention never lets a real token see it; its loss_mask is 0.
     """
-    batch = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-             "labels": torch.full((len(rows), width), pad_id, dtype=torch.long),
-             "loss_mask": torch.zeros((len(rows), width), dtype=torch.long)}
+    batch = empty_chat_batch(len(rows), width, pad_id)
     for row, example in enumerate(rows):
         for name, values in zip(batch, example):
             batch[name][row, :len(values)] = torch.from_numpy(values)
@@ -352,11 +405,12 @@ def encode_chat(tokenizer, record: dict, where: str) -> list[tuple[list[int], li
 
 class SFTDataset(RowDataset):
     """Chats for supervised fine-tuning (a .jsonl file or hf:<dataset>, through its token cache), batched by
-    padding or by packing."""
+    padding or by packing. The loss mask weighs the reasoning format's <think> and </think> by think_weight."""
 
     def __init__(self, source: str, tokenizer, seq_len: int, drop_long: bool = False, skip_bad_rows: bool = False,
-                 hf_data_files: str = "", hf_split: str = "train"):
+                 hf_data_files: str = "", hf_split: str = "train", think_weight: float = 1.0):
         self.seq_len, self.pad_id = seq_len, tokenizer.pad_id
+        self.think_ids, self.think_weight = np.array(tokenizer.think_ids, dtype=np.int64), think_weight
         self.rows = tokenized(source, tokenizer, "chats", encode_chat, skip_bad_rows, hf_data_files, hf_split)
         lengths, first = self.rows.lengths(), np.asarray(self.rows.first_trained)
         too_long = lengths > seq_len + 1
@@ -369,13 +423,19 @@ class SFTDataset(RowDataset):
         if not len(self.index):
             raise ValueError(f"{source}: no chat has an assistant token within seq_len={seq_len}")
 
+    def identity(self) -> tuple[Path, str]:
+        rows = hashlib.blake2b(self.index.tobytes(), digest_size=16).hexdigest()
+        return self.rows.directory, (f"{self.rows.directory.name} seq_len {self.seq_len} "
+                                     f"think_weight {self.think_weight} rows {rows}")
+
     def summary(self) -> str:
         return (f"{len(self)} chats ({self.n_truncated} truncated to {self.seq_len} tokens, {self.n_dropped} dropped "
                 f"as too long" + (f", {self.n_skipped} malformed rows skipped" if self.n_skipped else "") + ")")
 
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """input_ids, labels and loss_mask of chat i (shift_chat, cut to seq_len)."""
-        return shift_chat(*self.rows.row(int(self.index[i])), self.seq_len)
+        """input_ids, labels and loss_mask of chat i (shift_chat, cut to seq_len), the mask as token_weights."""
+        input_ids, labels, mask = shift_chat(*self.rows.row(int(self.index[i])), self.seq_len)
+        return input_ids, labels, token_weights(labels, mask, self.think_ids, self.think_weight)
 
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """One chat per row, right-padded: input_ids, labels, loss_mask (B, T).
@@ -394,9 +454,7 @@ class SFTDataset(RowDataset):
         not fit in the last row is left for the next batch (the sampler does not advance past it).
         """
         T = self.seq_len
-        batch = {"input_ids": torch.full((batch_size, T), self.pad_id, dtype=torch.long),
-                 "labels": torch.full((batch_size, T), self.pad_id, dtype=torch.long),
-                 "loss_mask": torch.zeros((batch_size, T), dtype=torch.long),
+        batch = {**empty_chat_batch(batch_size, T, self.pad_id),
                  "segment_ids": torch.zeros((batch_size, T), dtype=torch.long)}
         row, used, segment = 0, 0, 0
         while True:
@@ -415,14 +473,15 @@ class SFTDataset(RowDataset):
 
 
 def format_mask(tokenizer, input_ids, labels, loss_mask) -> str:
-    """A chat as text with the trained-on tokens (the labels where loss_mask is 1) between ⟦ and ⟧."""
+    """A chat as text with the trained-on tokens (the labels where loss_mask is not 0) between ⟦ and ⟧, and
+    ×W after the tokens of weight W != 1."""
     ids = [int(input_ids[0]), *(int(t) for t in labels)]
-    trained = [0, *(int(m) for m in loss_mask)]
+    weights = [0.0, *(float(m) for m in loss_mask)]
     out, start = [], 0
     for i in range(1, len(ids) + 1):
-        if i == len(ids) or trained[i] != trained[start]:  # the end of a run of equally masked tokens
-            text = tokenizer.decode(ids[start:i])
-            out.append(f"⟦{text}⟧" if trained[start] else text)
+        if i == len(ids) or weights[i] != weights[start]:  # the end of a run of equally weighted tokens
+            text, weight = tokenizer.decode(ids[start:i]), weights[start]
+            out.append(text if weight == 0 else f"⟦{text}⟧" + (f"×{weight:g}" if weight != 1 else ""))
             start = i
     return "".join(out)
 
@@ -480,14 +539,14 @@ def to_preference(record: dict, where: str) -> tuple[list[dict], list[dict], lis
             prompt = [{"role": "user", "content": prompt_text}]
         replies = [[{"role": "assistant", "content": text_field(record, name, where).strip()}]
                    for name in ("chosen", "rejected")]
-        full = [check_messages(prompt + reply, where, name) for reply, name in zip(replies, ("chosen", "rejected"))]
-        return prompt, full[0][len(prompt):], full[1][len(prompt):]
-    if isinstance(record["chosen"], list):
+        chosen, rejected = (check_messages(prompt + reply, where, name)
+                            for reply, name in zip(replies, ("chosen", "rejected")))
+    elif isinstance(record["chosen"], list):
         chosen, rejected = (check_messages(record[name], where, name) for name in ("chosen", "rejected"))
     else:
         chosen, rejected = (check_messages(_hh_to_messages(text_field(record, name, where), where, name), where, name)
                             for name in ("chosen", "rejected"))
-    return _split_shared_prefix(chosen, rejected, where)
+    return _split_shared_prefix(chosen, rejected, where)  # which also refuses a pair whose replies are the same
 
 
 def tokenize_pair(tokenizer, prompt: list[dict], chosen: list[dict], rejected: list[dict]):
@@ -574,3 +633,42 @@ class PreferenceDataset(RowDataset):
         if self.reference_logps is not None:
             batch["reference_logps"] = self.reference_logps[torch.as_tensor(indices)].T.reshape(-1)
         return batch
+
+
+# ----------------------------------------------------------------------------- prompts for reinforcement learning
+def encode_prompt(tokenizer, record: dict, where: str) -> list[tuple[list[int], list[int]]]:
+    """A chat record's two cached rows: its first question as a generation prompt (the messages up to the first
+    user turn, then the assistant header) and the expected first reply (mask all 1)."""
+    messages = to_messages(record, where)
+    try:
+        prompt, answer = first_question(messages)
+    except StopIteration:
+        raise DataError(f"{where}: no assistant reply after the first user turn") from None
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
+    answer_ids = tokenizer.encode(answer)
+    return [(prompt_ids, [0] * len(prompt_ids)), (answer_ids, [1] * len(answer_ids))]
+
+
+class PromptDataset(RowDataset):
+    """Prompts with their expected answers, for GRPO and PPO: the first question and reply of each chat (a .jsonl
+    file or hf:<dataset>, any chat format, through its token cache).
+
+    A prompt longer than max_prompt_tokens would leave no room in the context for its completion: it is left out
+    and counted (n_too_long), as malformed rows are with skip_bad_rows (n_skipped).
+    """
+
+    def __init__(self, source: str, tokenizer, max_prompt_tokens: int, skip_bad_rows: bool = False,
+                 hf_data_files: str = "", hf_split: str = "train"):
+        self.tokenizer = tokenizer
+        self.rows = tokenized(source, tokenizer, "prompts", encode_prompt, skip_bad_rows, hf_data_files, hf_split)
+        fits = self.rows.lengths()[0::2] <= max_prompt_tokens
+        self.index = np.flatnonzero(fits)
+        self.n_too_long, self.n_skipped = int((~fits).sum()), self.rows.meta["skipped"]
+        if not len(self.index):
+            raise ValueError(f"{source}: no prompt fits in {max_prompt_tokens} tokens (the context less the "
+                             f"completion); lower --max_completion_length or raise --seq_len")
+
+    def prompt(self, i: int) -> tuple[list[int], str]:
+        """Prompt i's token ids (ending with the assistant header) and its expected answer."""
+        k = 2 * int(self.index[i])
+        return self.rows.row(k)[0].tolist(), self.tokenizer.decode(self.rows.row(k + 1)[0])

@@ -17,13 +17,24 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from configs import PRESETS, ModelConfig, QuantizeOption, option, parse_args
+from configs import (
+    PRESETS,
+    ModelConfig,
+    QuantizeOption,
+    check_options,
+    device_rules,
+    exit_on_bad_input,
+    option,
+    parse_args,
+)
 from devices import pick_compile, pick_device, pick_dtype
+from fileio import writable_dir
 from pretrained import find_checkpoint, load_checkpoint
 from tokenizer import StreamDecoder, Tokenizer
 
@@ -56,24 +67,39 @@ class DemoConfig(QuantizeOption):
                           "come faster after a one-off compile (tens of seconds on a CPU)", default="auto")
     output_dir: str = option("sessions are saved under OUTPUT_DIR/<timestamp>/", default="demo")
     prompt: str | None = option("answer this one prompt, print the reply and exit", default=None)
+    show_think: bool = option("print the reasoning of a reply in the reasoning format (<think>…</think>, then the "
+                              "answer); else only the answer is printed (the transcript always keeps both)",
+                              default=False)
 
-    def validate(self):
+    def __post_init__(self):
         """One-line ValueErrors for settings that cannot work."""
-        checks = [("mode", self.mode in ("auto", "chat", "text"), "must be auto, chat or text"),
-                  ("model_type", self.model_type in (None, *PRESETS), f"must be one of {', '.join(PRESETS)}"),
-                  ("max_new_tokens", self.max_new_tokens >= 1, "must be at least 1"),
-                  ("temperature", self.temperature >= 0, "must be >= 0"),
-                  ("top_k", self.top_k is None or self.top_k >= 0, "must be >= 0"),
-                  ("top_p", self.top_p is None or 0 < self.top_p <= 1, "must be in (0, 1]"),
-                  ("repetition_penalty", self.repetition_penalty > 0, "must be > 0")]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"--{name} {rule}, got {getattr(self, name)}")
+        check_options(self, [("mode", self.mode in ("auto", "chat", "text"), "must be auto, chat or text"),
+                             ("model_type", self.model_type in (None, *PRESETS),
+                              f"must be one of {', '.join(PRESETS)}"),
+                             ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+                             ("temperature", self.temperature >= 0, "must be >= 0"),
+                             ("top_k", self.top_k is None or self.top_k >= 0, "must be >= 0"),
+                             ("top_p", self.top_p is None or 0 < self.top_p <= 1, "must be in (0, 1]"),
+                             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+                             *device_rules(self)])
 
 
 def info(message: str):
     """Status lines go to stderr, so that stdout holds only the model's text (for --prompt in scripts)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def utf8_text(text: str, what: str) -> str:
+    """text with any bytes that are not UTF-8 replaced by U+FFFD (said on stderr). Python keeps such bytes of the
+    command line, and of stdin as run() reads it, as lone surrogates, which no file or tokenizer accepts."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        data = text.encode("utf-8", "surrogatepass")
+    clean = data.decode("utf-8", "replace")
+    if clean != text:
+        info(f"[{what} held bytes that are not UTF-8 text: each is replaced by \ufffd]")
+    return clean
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -87,22 +113,40 @@ def check_model_type(preset: str, config: ModelConfig, directory) -> None:
 
 
 # ----------------------------------------------------------------------------- prompts and streaming text
-def chat_prompt(tokenizer: Tokenizer, system: str | None, turns: list[tuple[str, str]], user: str,
-                budget: int) -> tuple[list[int], int]:
-    """Ids of the conversation (earlier (user, assistant) turns, then the new message) ready for the reply.
+class Conversation:
+    """A chat as token ids: the system prompt's, then each earlier (user, assistant) turn's, each encoded once.
 
-    If it is longer than budget tokens the oldest turns are dropped, never the newest; the system prompt
-    and the new message always stay. Returns (ids, number of earlier turns kept).
+    The template encodes every message on its own, so these ids joined are the ids of the whole conversation.
+    A prompt takes the newest turns that fit in `budget` tokens with the new message (the system prompt and the
+    new message always stay); a turn more than budget tokens back can never fit again and is forgotten. So the
+    cost of a prompt is bounded by the context, however long the session.
     """
-    head = [{"role": "system", "content": system}] if system else []
-    for start in range(len(turns) + 1):
-        history = [{"role": role, "content": text} for turn in turns[start:]
-                   for role, text in zip(("user", "assistant"), turn)]
-        ids = tokenizer.apply_chat_template(head + history + [{"role": "user", "content": user}],
-                                            add_generation_prompt=True)
-        if len(ids) <= budget:
-            break
-    return ids, len(turns) - start
+
+    def __init__(self, tokenizer: Tokenizer, system: str | None, budget: int):
+        self.tokenizer, self.budget = tokenizer, budget
+        self.head = tokenizer.apply_chat_template([{"role": "system", "content": system}]) if system else []
+        self.turns: deque[list[int]] = deque()  # the turns that may still fit, oldest first
+        self.n_tokens = 0  # of self.turns
+        self.n_turns = 0  # every turn of the conversation, forgotten ones included
+
+    def prompt(self, user: str) -> tuple[list[int], int]:
+        """(ids ready for the reply to `user`, number of earlier turns they include)."""
+        tail = self.tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True)
+        room, kept = self.budget - len(self.head) - len(tail), []
+        for turn in reversed(self.turns):
+            if len(turn) > room:
+                break
+            room -= len(turn)
+            kept.append(turn)
+        return self.head + [t for turn in reversed(kept) for t in turn] + tail, len(kept)
+
+    def add(self, user: str, reply: str):
+        self.turns.append(self.tokenizer.apply_chat_template([{"role": "user", "content": user},
+                                                              {"role": "assistant", "content": reply}]))
+        self.n_turns += 1
+        self.n_tokens += len(self.turns[-1])
+        while self.n_tokens > self.budget:  # the oldest turn and every newer one no longer fit together
+            self.n_tokens -= len(self.turns.popleft())
 
 
 # ----------------------------------------------------------------------------- saved sessions
@@ -145,8 +189,11 @@ class Transcript:
 # ----------------------------------------------------------------------------- the session
 class Demo:
     def __init__(self, cfg: DemoConfig):
-        cfg.validate()
         self.cfg = cfg
+        for name in ("prompt", "system"):
+            if getattr(cfg, name) is not None:
+                setattr(cfg, name, utf8_text(getattr(cfg, name), f"--{name}"))
+        writable_dir(cfg.output_dir, "--output_dir")
         self.device = pick_device(cfg.device)
         compile_decoding = pick_compile(cfg.compile, self.device)  # checks --compile before the checkpoint loads
         self.checkpoint = found = find_checkpoint(cfg.checkpoint, log=info)
@@ -172,7 +219,7 @@ class Demo:
         self.generator = torch.Generator(device=self.device).manual_seed(self.seed)
         self.settings = {k: getattr(cfg, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
                                                       "repetition_penalty")} | {"seed": self.seed}
-        self.turns: list[tuple[str, str]] = []  # the conversation since the last /reset
+        self.conversation = Conversation(self.tokenizer, cfg.system, self.budget)  # since the last /reset
         self.n_turns = 0
         self.transcript = Transcript(cfg.output_dir)
         self.transcript.write(
@@ -184,7 +231,7 @@ class Demo:
     def prompt_ids(self, text: str) -> tuple[list[int], int]:
         """The ids to continue, and how many earlier turns they include."""
         if self.mode == "chat":
-            ids, kept = chat_prompt(self.tokenizer, self.cfg.system, self.turns, text, self.budget)
+            ids, kept = self.conversation.prompt(text)
         else:
             ids, kept = self.tokenizer.encode(text), 0
         if len(ids) > self.budget:
@@ -193,10 +240,14 @@ class Demo:
             ids = ids[-self.budget:]
         return ids, kept
 
-    def generate(self, ids: list[int]) -> tuple[str, int, str, float]:
-        """Stream the reply to stdout; returns (text, tokens, why it stopped, seconds)."""
+    def generate(self, ids: list[int]) -> tuple[str, int, int, str, float]:
+        """Stream the reply to stdout, in chat mode without its reasoning unless --show_think; returns (text,
+        tokens, tokens of hidden reasoning, why it stopped, seconds)."""
         cfg = self.cfg
         decoder, pieces, n, stop = StreamDecoder(self.tokenizer), [], 0, "max_new_tokens"
+        think_start, think_end = self.tokenizer.think_ids or (None, None)
+        hide = self.mode == "chat" and not cfg.show_think  # the reasoning format is that of chat replies
+        thinking, hidden = False, 0
         t0 = time.perf_counter()
         try:
             for token in self.model.generate_stream(
@@ -208,23 +259,29 @@ class Demo:
                     break
                 n += 1
                 pieces.append(decoder.push(token))
-                print(pieces[-1], end="", flush=True)
+                thinking = (thinking or token == think_start) and hide
+                if thinking:
+                    hidden += 1
+                else:
+                    print(pieces[-1], end="", flush=True)
+                thinking = thinking and token != think_end
         except KeyboardInterrupt:
             stop = "interrupted"
         pieces.append(decoder.flush())
-        print(pieces[-1], flush=True)
-        return "".join(pieces), n, stop, time.perf_counter() - t0
+        print("" if thinking else pieces[-1], flush=True)
+        return "".join(pieces), n, hidden, stop, time.perf_counter() - t0
 
     def turn(self, text: str) -> bool:
         """Answer one message and save the turn; False if Ctrl-C interrupted it (the session then ends)."""
         ids, kept = self.prompt_ids(text)
-        if kept < len(self.turns):
-            info(f"[the conversation is longer than the context: the oldest {len(self.turns) - kept} turn(s) "
-                 f"are left out]")
+        dropped = self.conversation.n_turns - kept if self.mode == "chat" else 0
+        if dropped:
+            info(f"[the conversation is longer than the context: the oldest {dropped} turn(s) are left out]")
         self.transcript.write(f"**{'user' if self.mode == 'chat' else 'prompt'}:** {text}\n\n")
-        reply, n, stop, seconds = self.generate(ids)
+        reply, n, hidden, stop, seconds = self.generate(ids)
         speed = n / seconds if seconds > 0 else 0.0
-        info(f"[{n} tokens, {speed:.1f} tokens/s{', interrupted' if stop == 'interrupted' else ''}]")
+        thought = f" ({hidden} of reasoning, not shown: --show_think shows it)" if hidden else ""
+        info(f"[{n} tokens{thought}, {speed:.1f} tokens/s{', interrupted' if stop == 'interrupted' else ''}]")
         self.n_turns += 1
         self.transcript.write(f"**{'assistant' if self.mode == 'chat' else 'continuation'}:** {reply}\n\n"
                               f"*{n} tokens, {speed:.1f} tokens/s, stopped by {stop}*\n\n")
@@ -232,10 +289,10 @@ class Demo:
             "turn": self.n_turns, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "checkpoint": str(self.checkpoint),
             "stage": self.stage, "mode": self.mode, "system": self.cfg.system if self.mode == "chat" else None,
             "prompt": text, "reply": reply, "stop": stop, "context_turns": kept,
-            "dropped_turns": len(self.turns) - kept, "prompt_tokens": len(ids), "reply_tokens": n,
+            "dropped_turns": dropped, "prompt_tokens": len(ids), "reply_tokens": n,
             "seconds": round(seconds, 4), "tokens_per_s": round(speed, 2), "settings": self.settings})
         if self.mode == "chat":
-            self.turns.append((text, reply))
+            self.conversation.add(text, reply)
         return stop != "interrupted"
 
     def run(self):
@@ -245,9 +302,11 @@ class Demo:
                 return
             info(HELP)
             echo = not sys.stdin.isatty()  # piped input is not shown by the terminal: show it
+            if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 reach utf8_text instead of raising
+                sys.stdin.reconfigure(errors="surrogateescape")
             while True:
                 try:
-                    line = input("you> " if self.mode == "chat" else "text> ")
+                    line = utf8_text(input("you> " if self.mode == "chat" else "text> "), "the input")
                 except (EOFError, KeyboardInterrupt):
                     print()
                     return
@@ -257,7 +316,7 @@ class Demo:
                 if text in ("exit", "quit"):
                     return
                 if text == "/reset":
-                    self.turns = []
+                    self.conversation = Conversation(self.tokenizer, self.cfg.system, self.budget)
                     self.transcript.write("*(conversation reset)*\n\n")
                     info("[conversation cleared]")
                 elif text == "/help":
@@ -274,11 +333,8 @@ class Demo:
 def main(argv: list[str] | None = None):
     cfg = parse_args(DemoConfig, argv, description=__doc__)
     try:
-        demo = Demo(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
-    try:
-        demo.run()
+        with exit_on_bad_input():
+            Demo(cfg).run()
     except KeyboardInterrupt:  # outside a reply or the input line; the transcript is already closed
         sys.exit(130)
 

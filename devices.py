@@ -17,9 +17,18 @@ except ImportError:
 
 
 def pick_device(name: str) -> torch.device:
-    """'auto' = cuda, then mps, then cpu; any other name is taken as given (cpu, cuda, cuda:1, mps)."""
+    """'auto' = cuda, then mps, then cpu; any other name is taken as given (cpu, cuda, cuda:1, mps), if this
+    machine has it (else a one-line ValueError)."""
     if name != "auto":
-        return torch.device(name)
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available to this torch {torch.__version__}; use "
+                             f"--device cpu (or auto)")
+        if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"--device {name}: Apple MPS is not available here; use --device cpu (or auto)")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if torch.backends.mps.is_available():
@@ -41,9 +50,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def pick_compile(setting: str, device: torch.device) -> bool:
-    """'auto' compiles on CUDA under Linux, where torch.compile is mature; 'true' and 'false' force it."""
-    if setting not in ("auto", "true", "false"):
-        raise ValueError(f"--compile must be auto, true or false, got {setting!r}")
+    """'auto' compiles on CUDA under Linux, where torch.compile is mature; 'true' and 'false' force it
+    (configs.device_rules checked the setting)."""
     return setting == "true" or (setting == "auto" and device.type == "cuda" and platform.system() == "Linux")
 
 

@@ -21,7 +21,7 @@ Several checkpoints give one comparison table (a column each); --out writes the 
 import sys
 from dataclasses import dataclass
 
-from configs import QuantizeOption, option, parse_args
+from configs import QuantizeOption, check_options, device_rules, option, parse_args
 from devices import pick_device, pick_dtype
 from evals import DEFAULT_DATA, TASKS, TaskOptions, evaluate_task, write_results
 from pretrained import load_checkpoint
@@ -36,6 +36,12 @@ class EvalConfig(QuantizeOption, TaskOptions):
     device: str = option("'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'mps'", default="auto")
     dtype: str = option("'auto' (bfloat16/float16 on CUDA, else float32), 'float32', 'bfloat16', 'float16'",
                         default="auto")
+
+    def validate(self):
+        if not self.checkpoint:
+            raise ValueError("--checkpoint: name at least one checkpoint directory")
+        super().validate()
+        check_options(self, [("task", self.task in TASKS, f"must be one of {', '.join(TASKS)}"), *device_rules(self)])
 
 
 def info(message: str):
@@ -61,10 +67,6 @@ def print_table(results: list[dict]):
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(EvalConfig, argv, description=__doc__)
     try:
-        if not cfg.checkpoint:
-            raise ValueError("--checkpoint: name at least one checkpoint directory")
-        if cfg.task not in TASKS:
-            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {cfg.task!r}")
         data = cfg.data or DEFAULT_DATA.get(cfg.task, "")
         if not data:
             raise ValueError(f"--task {cfg.task} needs --data FILE (or hf:NAME)")

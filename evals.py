@@ -23,10 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from configs import option
-from dataset import DataError, PretrainDataset, load_chats, read_jsonl, where_prefix
+from configs import check_options, option
+from dataset import DataError, PretrainDataset, first_question, load_chats, read_jsonl, where_prefix
 from prepare import iter_documents
 from storyworld import FACTS
+from tokenizer import split_think
 
 CJK = re.compile(r"[\u3400-\u9fff]")
 FINAL_PUNCTUATION = ".!?,;:。！？，；：…\"'“”‘’ "
@@ -47,13 +48,6 @@ def _mean(xs) -> float:
 
 
 # ----------------------------------------------------------------------------- greedy answers
-def first_question(messages: list[dict]) -> tuple[list[dict], str]:
-    """The prompt (system message if any, then the first user turn) and the expected first answer."""
-    i = next(i for i, m in enumerate(messages) if m["role"] == "user")
-    answer = next(m["content"] for m in messages[i + 1:] if m["role"] == "assistant")
-    return messages[:i + 1], answer
-
-
 @torch.no_grad()
 def greedy_generate(model, tokenizer, prompts: list[list[int]], stop_ids: list[int], max_new_tokens: int = 64,
                     batch_size: int = 32, progress: bool = False) -> list[list[int]]:
@@ -98,7 +92,9 @@ def greedy_text_continuations(model, tokenizer, prompts: list[str], max_new_toke
 def score_answers(replies: list[str], answers: list[str], groups: dict[str, list[str]] | None = None) -> dict:
     """acc: exact match up to whitespace, case and final punctuation (answer_matches); contains: the normalised
     answer appears in the normalised reply; n. For each grouping (e.g. {"lang": ["en", "zh", ...]}) also
-    acc_<group> per value."""
+    acc_<group> per value. In the reasoning format (`<think>…</think>answer`) only the part after </think> is
+    scored, of the reply and of the expected answer alike, so a reply that never closes its <think> is wrong."""
+    replies, answers = [split_think(r)[1] for r in replies], [split_think(a)[1] for a in answers]
     exact = [answer_matches(r, a) for r, a in zip(replies, answers)]
     contains = [normalise_answer(a) in normalise_answer(r) for r, a in zip(replies, answers)]
     results = {"acc": _mean(exact), "contains": _mean(contains), "n": len(exact)}
@@ -117,15 +113,15 @@ def answer_accuracy(model, tokenizer, records: list[list[dict]], max_new_tokens:
     """Exact-match accuracy of greedy answers to the first question of each held-out chat.
 
     records are message lists (e.g. from sft_val.jsonl). A reply matches if it equals the expected answer up to
-    whitespace, case and final punctuation (answer_matches). Also split by the answer's language
-    (Chinese if it contains CJK characters); a language without samples gives nan.
+    whitespace, case and final punctuation, after </think> in the reasoning format (score_answers). Also split by
+    the answer's language (Chinese if it contains CJK characters); a language without samples gives nan.
     """
     was_training = model.training
     model.eval()
     prompts, expected = zip(*(first_question(m) for m in records))
     replies = greedy_replies(model, tokenizer, list(prompts), max_new_tokens)
     model.train(was_training)
-    scores = score_answers(replies, list(expected), {"lang": [language(a) for a in expected]})
+    scores = score_answers(replies, list(expected), {"lang": [language(split_think(a)[1]) for a in expected]})
     return {"answer_acc": scores["acc"], "answer_acc_en": scores.get("acc_en", float("nan")),
             "answer_acc_zh": scores.get("acc_zh", float("nan"))}
 
@@ -155,7 +151,7 @@ def storyworld_accuracy(model, tokenizer, chats: list[list[dict]], max_new_token
     prompts, expected = zip(*(first_question(m) for m in chats))
     replies = greedy_replies(model, tokenizer, list(prompts), max_new_tokens, batch_size, progress)
     questions = [p[-1]["content"] for p in prompts]
-    groups = {"lang": [language(a) for a in expected], "type": [question_type(q) for q in questions]}
+    groups = {"lang": [language(split_think(a)[1]) for a in expected], "type": [question_type(q) for q in questions]}
     samples = [{"question": q, "expected": a, "reply": r} for q, a, r in zip(questions, expected, replies)]
     return score_answers(replies, list(expected), groups), samples
 
@@ -524,6 +520,18 @@ class TaskOptions:
     mode: str = option("generate: 'chat' (prompts through the chat template), 'text' (plain continuation, up to "
                        "the first line end) or 'auto' (text for pretraining checkpoints)", default="auto")
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        """One-line ValueErrors for options that cannot work (eval.py's config extends this)."""
+        check_options(self, [("shots", self.shots >= 0, "must be >= 0"),
+                             *((name, getattr(self, name) >= 0, "must be >= 0 (0 = all)") for name in (
+                                 "limit", "max_tokens")),
+                             *((name, getattr(self, name) >= 1, "must be >= 1") for name in (
+                                 "batch_size", "max_new_tokens")),
+                             ("mode", self.mode in ("auto", "chat", "text"), "must be auto, chat or text")])
+
 
 @torch.no_grad()
 def evaluate_task(model, tokenizer, task: str, opts: TaskOptions, stage: str | None = None,
@@ -546,8 +554,6 @@ def evaluate_task(model, tokenizer, task: str, opts: TaskOptions, stage: str | N
     if task == "generate":
         prompts, answers = read_prompt_answers(data)
         prompts, answers = prompts[:opts.limit or None], answers[:opts.limit or None]
-        if opts.mode not in ("auto", "chat", "text"):
-            raise ValueError(f"--mode must be auto, chat or text, not {opts.mode!r}")
         if opts.mode == "chat" or (opts.mode == "auto" and stage not in ("pretrain", None)):
             replies = greedy_replies(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
                                      opts.max_new_tokens, opts.batch_size, progress)

@@ -10,14 +10,11 @@ generation_config.json. Our presets are written as `llama`; a model imported fro
 Hugging Face directory or hf:ORG/NAME (then the export is the same model again, bit for bit).
 """
 
-import sys
 from dataclasses import dataclass
 
 import hf
 import lora
-from configs import option, parse_args
-from model import GPT
-from tokenizer import Tokenizer
+from configs import check_options, exit_on_bad_input, option, parse_args
 
 
 @dataclass
@@ -27,27 +24,17 @@ class ExportConfig:
     out: str = option("the Hugging Face directory to write (new, or empty)", default="")
     dtype: str = option("weights as float32 (exact), bfloat16 or float16", default="float32")
 
-
-def load_for_export(path):
-    """(model, tokenizer) as saved: adapters folded into their base, nothing added to a tokenizer."""
-    directory = hf.resolve(path)
-    if lora.is_adapter_dir(directory):
-        model, tokenizer = lora.load_lora_checkpoint(directory)
-        return lora.merge_and_unload(model), tokenizer
-    return GPT.from_pretrained(directory), Tokenizer.from_pretrained(directory)
+    def __post_init__(self):
+        if not self.checkpoint or not self.out:
+            raise ValueError("give --checkpoint DIR and --out DIR")
+        check_options(self, [("dtype", self.dtype in hf.DTYPES, f"must be one of {', '.join(hf.DTYPES)}")])
 
 
 def main(argv: list[str] | None = None):
     cfg = parse_args(ExportConfig, argv, description=__doc__)
-    try:
-        if not cfg.checkpoint or not cfg.out:
-            raise ValueError("give --checkpoint DIR and --out DIR")
-        if cfg.dtype not in hf.DTYPES:
-            raise ValueError(f"--dtype must be one of {', '.join(hf.DTYPES)}, got {cfg.dtype!r}")
-        model, tokenizer = load_for_export(cfg.checkpoint)
+    with exit_on_bad_input():
+        model, tokenizer = lora.load_merged(hf.resolve(cfg.checkpoint))  # as saved: nothing added to its tokenizer
         out = hf.export(model, tokenizer, cfg.out, cfg.dtype)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
     print(f"wrote {out}: {hf.family_of(model.config)}, {model.describe_size()}, {cfg.dtype}")
 
 

@@ -49,7 +49,9 @@ def train_flops_per_token(c: ModelConfig, seq_len: int) -> int:
 def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 2048, seconds: float = 1.0) -> float:
     """The device's practical peak: the fastest of repeated n x n matmuls (a peak, so not the median), timed
     for about `seconds` (3 to 10 of them, after one warm-up)."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    # Its own generator: drawing from the global one would change the training run that measures its MFU.
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator).to(device, dtype) for _ in range(2))
     times: list[float] = []
     start = time.perf_counter()
     for i in range(11):

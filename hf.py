@@ -95,7 +95,7 @@ def resolve(path) -> Path:
         if not any(directory.glob("*.safetensors")):
             directory = Path(snapshot_download(name, allow_patterns=["*.json", "*.bin", "*.jinja"]))
     except Exception as e:  # offline, unknown repository, gated model: several huggingface_hub error types
-        raise RuntimeError(
+        raise ConnectionError(
             f"{path}: cannot download {name} from the Hugging Face hub ({type(e).__name__}): no network here, or no "
             f"such public model. Download it where there is a network (huggingface-cli download {name} --local-dir "
             f"DIR) and pass the directory DIR instead") from None

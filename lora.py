@@ -102,7 +102,9 @@ def apply_lora(model: GPT, targets=LORA_TARGETS, r: int = 8, alpha: float = 16.0
         setattr(parent, child, LoRALinear(module, r, alpha, dropout, use_rslora))
         for t in matches:
             found[t] += 1
-    missing = [t for t, n in found.items() if n == 0]
+    # The default names every projection of a Llama block; a model without some of them (GPT-2 has no gate_proj)
+    # takes those it has. A name outside the default, or a list that matches nothing, is a mistake.
+    missing = [t for t, n in found.items() if n == 0 and (t not in LORA_TARGETS or not any(found.values()))]
     if missing:
         raise ValueError(f"LoRA targets match no linear layer: {', '.join(missing)}")
     for name, p in model.named_parameters():
@@ -214,10 +216,18 @@ def load_lora_checkpoint(directory, device="cpu") -> tuple[GPT, Tokenizer]:
     return model.to(device).eval(), Tokenizer.from_pretrained(base)
 
 
+def load_merged(directory) -> tuple[GPT, Tokenizer]:
+    """The model of a full checkpoint (ours or a Hugging Face one), or of an adapter checkpoint with its adapters
+    folded into its base; the tokenizer as saved."""
+    if not is_adapter_dir(directory):
+        return GPT.from_pretrained(directory), Tokenizer.from_pretrained(directory)
+    model, tokenizer = load_lora_checkpoint(directory)
+    return merge_and_unload(model), tokenizer
+
+
 def export_merged(adapter_dir, out_dir) -> Path:
     """Save the adapters of adapter_dir folded into their base as a full checkpoint in out_dir."""
-    model, tokenizer = load_lora_checkpoint(adapter_dir)
-    merge_and_unload(model)
+    model, tokenizer = load_merged(adapter_dir)
     info = load_run_info(adapter_dir)
     run_info = {"stage": "lora-merged", "step": info.get("step"), "init_from": str(adapter_dir),
                 "base_checkpoint": read_adapter_config(adapter_dir)["base_checkpoint"]}

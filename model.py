@@ -79,6 +79,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_sin", sin, persistent=False)
         self.grad_checkpoint = False  # recompute each block in backward (set by the trainer)
         self.decode_step = None  # a compiled forward for generation's one-token steps (compile_decoding)
+        self.value_head: nn.Linear | None = None  # a scalar head, for reward models and PPO (add_value_head)
         self.apply(self._init_weights)
         # Scale the residual projections by 1/sqrt(2 * n_layers) so the residual stream does not grow
         # with depth (GPT-2 paper, section 2.3).
@@ -111,7 +112,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, logits_to_keep: int = 0, with_values: bool = False):
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (only needed where padding comes before
@@ -120,6 +121,10 @@ class GPT(nn.Module):
         positions (B, T), with a cache: each row's own token positions, for rows that are sequences of
         different lengths (continuous batching, engine.py). Row b is stored at positions[b] and each token
         sees its row's keys up to its own position; cache.pos is neither used nor advanced.
+        logits_to_keep: only the logits of the last N positions (0 = all), as in HF transformers: a loss on a
+        completion needs only its own positions, and (B, T, vocab) logits are a step's largest tensor.
+        with_values: return (logits, values), values (B, T) being the value head's scalar at every position
+        (a reward model or PPO's critic; see add_value_head).
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -156,9 +161,26 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, mask, cache)
         if cache is not None and positions is None:
             cache.pos += T
-        logits = self.lm_head(self.norm(x))
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         # Padding rows of the vocabulary are never predicted.
-        return logits if logits.shape[-1] == self.config.vocab_size else logits[..., :self.config.vocab_size]
+        if logits.shape[-1] != self.config.vocab_size:
+            logits = logits[..., :self.config.vocab_size]
+        if not with_values:
+            return logits
+        if self.value_head is None:
+            raise ValueError("with_values needs a value head: call add_value_head() first")
+        return logits, self.value_head(hidden).squeeze(-1)
+
+    def add_value_head(self) -> nn.Linear:
+        """Attach a linear head that reads one scalar from the last hidden state of each position: the score of a
+        reward model, the value of PPO's critic. It starts at zero (every score and value is 0 before training)
+        and is saved in a file of its own (checkpoint.py), so the language model stays a plain GPT checkpoint."""
+        weight = self.embed.weight
+        self.value_head = nn.Linear(self.config.dim, 1, device=weight.device, dtype=weight.dtype)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+        return self.value_head
 
     @torch.no_grad()
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -1,6 +1,6 @@
 """Turn a text data set into token files for pretraining: train.bin, val.bin, meta.json and the tokenizer.
 
-    python prepare.py                                    # StoryWorld, the embedded stories (offline), 6400-token BPE
+    python prepare.py                                    # StoryWorld, the embedded stories (offline), 2048-token BPE
     python prepare.py --source corpus.txt                # your own text, documents separated by blank lines
     python prepare.py --source data.jsonl --text_field content
     python prepare.py --source hf:roneneldan/TinyStories --tokenizer gpt2
@@ -8,7 +8,9 @@
 
 train.bin and val.bin are flat arrays of token ids, every document followed by <|endoftext|>; read them with
 np.memmap(path, dtype=meta["dtype"], mode="r"). Documents are streamed and tokenised in batches, so the corpus
-never has to fit in memory.
+never has to fit in memory. A .jsonl line may also hold a chat ({"conversations": [...]} or {"messages": [...]}):
+it is tokenised in the ChatML template the chat stages use, special tokens included, so pretraining can mix in
+question-answer text (as StoryWorld's pretraining documents do).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import itertools
 import os
 import random
 import re
-import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,10 +29,10 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 import dataset
-from configs import DEFAULT_DATA_DIR, parse_args
-from fileio import write_json
+from configs import DEFAULT_DATA_DIR, check_options, exit_on_bad_input, parse_args
+from fileio import writable_dir, write_json
 from storyworld import write_default_dataset
-from tokenizer import Tokenizer
+from tokenizer import SPECIAL_TOKENS, Tokenizer
 
 
 @dataclass
@@ -47,7 +48,8 @@ class PrepareConfig:
     tokenizer: str = field(default="bpe", metadata={"help": (
         "'bpe' (train a byte-level BPE on the training documents), a tiktoken encoding (gpt2, cl100k_base, "
         "o200k_base; downloaded once), or a directory holding a saved tokenizer")})
-    vocab_size: int = field(default=6400, metadata={"help": "vocabulary size of the trained BPE"})
+    vocab_size: int = field(default=2048, metadata={"help": "vocabulary size of the trained BPE (StoryWorld needs "
+                                                              "fewer than 2048: its BPE stops merging at about 1900)"})
     tokenizer_train_bytes: int = field(default=100_000_000, metadata={
         "help": "train the BPE on at most this many bytes of text (the first training documents)"})
     val_fraction: float = field(default=0.1, metadata={"help": "fraction of the documents kept for validation"})
@@ -64,8 +66,20 @@ class PrepareConfig:
         "help": "hf: only, the file(s) of the dataset repository to read, e.g. pretrain_hq.jsonl"})
     hf_split: str = field(default="train", metadata={"help": "hf: only, the split to read"})
 
+    def __post_init__(self):
+        check_options(self, [
+            ("val_fraction", 0 < self.val_fraction < 1, "must be > 0 and < 1 (training needs a validation split)"),
+            ("vocab_size", self.vocab_size >= 256 + len(SPECIAL_TOKENS), f"must be >= {256 + len(SPECIAL_TOKENS)}"),
+            ("tokenizer_train_bytes", self.tokenizer_train_bytes >= 1, "must be >= 1"),
+            ("max_docs", self.max_docs >= 0, "must be >= 0 (0 = all)"),
+            ("dtype", self.dtype in ("auto", "uint16", "uint32"), "must be auto, uint16 or uint32"),
+            ("txt_separator", self.txt_separator != "", "must not be empty")])
+
 
 # ----------------------------------------------------------------------------------------------- reading documents
+
+# A document is a text, or a chat (a list of {"role", "content"} messages) from a .jsonl file.
+Document = str | list[dict]
 
 _TXT_SEPARATORS = {"blankline": r"\n\s*\n", "line": r"\n"}
 
@@ -74,7 +88,7 @@ def read_txt(path, separator: str = "blankline", chunk_chars: int = 1 << 20) -> 
     """Documents of a UTF-8 text file, split on `separator` ('blankline', 'line' or a literal string)."""
     pattern = re.compile(_TXT_SEPARATORS.get(separator) or re.escape(separator))
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark at the start is skipped
             buffer = ""
             while chunk := f.read(chunk_chars):
                 # The last piece may continue in the next chunk, so it waits in the buffer.
@@ -85,10 +99,15 @@ def read_txt(path, separator: str = "blankline", chunk_chars: int = 1 << 20) -> 
         raise ValueError(f"{path}: not UTF-8 text") from None
 
 
-def read_jsonl(path, text_field: str = "text") -> Iterator[str]:
-    """The `text_field` of every line of a JSON Lines file; errors name the file and line."""
+def read_jsonl(path, text_field: str = "text") -> Iterator[Document]:
+    """The `text_field` of every line of a JSON Lines file, or the messages of a chat line (one without that field
+    but with "conversations" or "messages"); errors name the file and line."""
     for line, row in dataset.read_jsonl(path):
-        yield dataset.text_field(row, text_field, f"{path}:{line}")
+        where = f"{path}:{line}"
+        if text_field not in row and ("conversations" in row or "messages" in row):
+            yield dataset.to_messages(row, where)
+        else:
+            yield dataset.text_field(row, text_field, where)
 
 
 def read_parquet(path, text_field: str = "text", batch_rows: int = 1024) -> Iterator[str]:
@@ -120,8 +139,8 @@ def load_hf_documents(name: str, data_files: str | None = None, split: str = "tr
 
 
 def iter_documents(source: str, text_field: str = "text", txt_separator: str = "blankline",
-                   hf_data_files: str = "", hf_split: str = "train", max_docs: int = 0) -> Iterator[str]:
-    """The documents of a .txt/.jsonl/.parquet file or an hf:<dataset>, lazily, stripped, empty ones skipped.
+                   hf_data_files: str = "", hf_split: str = "train", max_docs: int = 0) -> Iterator[Document]:
+    """The documents of a .txt/.jsonl/.parquet file or an hf:<dataset>, lazily, texts stripped, empty ones skipped.
 
     Raises FileNotFoundError or ValueError with a one-line message naming the file when it cannot be read.
     """
@@ -139,7 +158,7 @@ def iter_documents(source: str, text_field: str = "text", txt_separator: str = "
         if path.stat().st_size == 0:
             raise ValueError(f"{source}: file is empty")
         texts = readers[path.suffix]()
-    docs = (text.strip() for text in texts if text)
+    docs = (text.strip() if isinstance(text, str) else text for text in texts if text)
     yield from itertools.islice((doc for doc in docs if doc), max_docs or None)
 
 
@@ -169,12 +188,15 @@ def resolve_dtype(dtype: str, vocab_size: int) -> str:
     return dtype
 
 
-def _bpe_training_texts(docs: Iterable[str], flags: Iterable[bool], max_bytes: int) -> Iterator[str]:
-    """Training documents only (the tokenizer never sees validation text), up to `max_bytes` of UTF-8."""
+def _bpe_training_texts(docs: Iterable[Document], flags: Iterable[bool], max_bytes: int) -> Iterator[str]:
+    """Training documents only (the tokenizer never sees validation text), up to `max_bytes` of UTF-8; a chat
+    as its roles and contents, the text that the template encodes."""
     n_bytes = 0
     for doc, is_val in zip(docs, flags):
         if is_val:
             continue
+        if not isinstance(doc, str):
+            doc = "\n".join(f"{m['role']}\n{m['content']}" for m in doc)
         yield doc
         n_bytes += len(doc.encode("utf-8"))
         if n_bytes >= max_bytes:
@@ -197,7 +219,13 @@ def _batched(items: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-def write_token_files(docs: Iterable[str], flags: Iterable[bool], tok: Tokenizer, dtype: str, out_dir: Path,
+def encode_documents(tok: Tokenizer, docs: list[Document]) -> list[list[int]]:
+    """Token ids of each document: a text as plain text, a chat in the ChatML template."""
+    texts = iter(tok.encode_batch([doc for doc in docs if isinstance(doc, str)]))  # the texts in one batch
+    return [next(texts) if isinstance(doc, str) else tok.apply_chat_template(doc) for doc in docs]
+
+
+def write_token_files(docs: Iterable[Document], flags: Iterable[bool], tok: Tokenizer, dtype: str, out_dir: Path,
                       batch_docs: int = 1024) -> dict[str, int]:
     """Tokenise the documents batch by batch into out_dir/train.bin and val.bin; return token and doc counts.
 
@@ -213,7 +241,7 @@ def write_token_files(docs: Iterable[str], flags: Iterable[bool], tok: Tokenizer
               tqdm(desc="tokenizing", unit=" docs") as progress):
             for batch in _batched(zip(docs, flags), batch_docs):
                 ids = {"train": [], "val": []}
-                for (_, is_val), doc_ids in zip(batch, tok.encode_batch([doc for doc, _ in batch])):
+                for (_, is_val), doc_ids in zip(batch, encode_documents(tok, [doc for doc, _ in batch])):
                     split = "val" if is_val else "train"
                     ids[split] += doc_ids
                     ids[split].append(tok.eot_id)
@@ -245,28 +273,26 @@ def default_out_dir(source: str, hf_data_files: str = "") -> Path:
 def prepare(cfg: PrepareConfig) -> Path:
     """Write train.bin, val.bin, meta.json and the tokenizer for `cfg` into the output directory; return it.
 
-    For the storyworld source the raw files (stories.jsonl, sft_*.jsonl, dpo_*.jsonl) go there too.
+    For the storyworld source the raw files (pretrain.jsonl, sft_*.jsonl, dpo_*.jsonl) go there too.
     """
-    if not 0 <= cfg.val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), not {cfg.val_fraction}")
     if cfg.tokenizer == "bpe":
         resolve_dtype(cfg.dtype, cfg.vocab_size)  # fail now rather than after training the tokenizer
     out_dir = Path(cfg.out_dir or default_out_dir(cfg.source, cfg.hf_data_files))
     source = cfg.source
     if source == "storyworld":
-        write_default_dataset(out_dir, seed=cfg.seed)
-        source = str(out_dir / "stories.jsonl")
+        write_default_dataset(writable_dir(out_dir, "--out_dir"), seed=cfg.seed)
+        source = str(out_dir / "pretrain.jsonl")
 
-    def documents() -> Iterator[str]:  # a fresh pass over the documents
+    def documents() -> Iterator[Document]:  # a fresh pass over the documents
         return iter_documents(source, cfg.text_field, cfg.txt_separator, cfg.hf_data_files, cfg.hf_split,
                               cfg.max_docs)
 
     if next(documents(), None) is None:  # also raises now, before any output, for a missing or unreadable file
         raise ValueError(f"{source}: no documents found")
+    writable_dir(out_dir, "--out_dir")  # before the tokenizer is trained, not after
     training_texts = _bpe_training_texts(documents(), val_flags(cfg.val_fraction, cfg.seed), cfg.tokenizer_train_bytes)
     tok = load_tokenizer(cfg, training_texts)
     dtype = resolve_dtype(cfg.dtype, tok.vocab_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
     # meta.json, written last, marks a complete directory: remove a stale one before the files change.
     (out_dir / "meta.json").unlink(missing_ok=True)
     counts = write_token_files(documents(), val_flags(cfg.val_fraction, cfg.seed), tok, dtype, out_dir)
@@ -291,16 +317,12 @@ def data_path(data_dir, name: str = "") -> Path:
     return data_dir / name
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None):
     cfg = parse_args(PrepareConfig, argv, description="Turn a text data set into train.bin/val.bin token files "
                                                       "(default: the embedded StoryWorld stories).")
-    try:
+    with exit_on_bad_input():
         prepare(cfg)
-    except (OSError, ValueError, RuntimeError) as e:  # bad input: one line, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

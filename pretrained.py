@@ -35,7 +35,7 @@ def load_pretrained(path, device="cpu", overrides: dict | None = None, log=print
         model, tokenizer = lora.load_lora_checkpoint(directory)
     else:
         model, tokenizer = GPT.from_pretrained(directory, overrides=overrides), Tokenizer.from_pretrained(directory)
-    if isinstance(tokenizer, HFTokenizer) and tokenizer.chat_template is None:
+    if needs_chatml(tokenizer):
         old = model.config.vocab_size
         tokenizer = tokenizer.with_chatml()
         model = resize_vocab(model, max(old, tokenizer.vocab_size))
@@ -46,6 +46,11 @@ def load_pretrained(path, device="cpu", overrides: dict | None = None, log=print
         raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model only "
                          f"{model.config.vocab_size}")
     return model.to(device), tokenizer
+
+
+def needs_chatml(tokenizer) -> bool:
+    """A Hugging Face base model's tokenizer (no chat template), which the chat stages give ChatML."""
+    return isinstance(tokenizer, HFTokenizer) and tokenizer.chat_template is None
 
 
 def resize_vocab(model: GPT, vocab_size: int) -> GPT:
@@ -78,12 +83,13 @@ def checkpoint_stage(directory) -> str | None:
 
 
 def find_checkpoint(checkpoint: str | None, log=print) -> Path:
-    """The checkpoint directory given, or else the best model of the newest run under checkpoint/ (its best/ if
-    it kept one); says which through log."""
+    """The checkpoint directory given, or else the best model of the newest chat or text run under checkpoint/
+    (its best/ if it kept one; never a reward model, which scores replies rather than writing them); says which
+    through log."""
     if checkpoint is not None:
         log(f"checkpoint: {checkpoint}")
         return Path(checkpoint)
-    found = latest_checkpoint("checkpoint")
+    found = latest_checkpoint("checkpoint", exclude=("reward",))
     if found is None:
         raise FileNotFoundError(f"no checkpoint under checkpoint/; train one first: {TRAIN_FIRST}")
     found = best_checkpoint(found)

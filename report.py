@@ -3,11 +3,12 @@
     python report.py                                   # checkpoint/* -> report.md
     python report.py --root runs/exp1 --out runs/exp1/report.md --eval_samples 200
 
-Per stage (pretrain, sft, lora, dpo, then any other): the command line, the settings, wall time, tokens seen,
-tokens/s and MFU (medians of the logged intervals), peak memory, the final train and validation metrics and the
-training curves (curves.png, drawn if missing). Then one evaluation table over the stages (eval.py's perplexity
-on the data's validation tokens and StoryWorld answer accuracy on held-out chats) and a few sample answers of each
-chat stage to the same held-out questions.
+Per stage (pretrain, sft, lora, dpo, reward, grpo, ppo, distill, then any other): the command line, the settings,
+wall time, tokens seen, tokens/s and MFU (medians of the logged intervals), peak memory, the final train and validation
+metrics and the training curves (curves.png, drawn if missing). Then one evaluation table over the stages (eval.py's
+perplexity on the data's validation tokens and StoryWorld answer accuracy on held-out chats; a reward model, which
+scores replies rather than writing them, is left out) and a few sample answers of each chat stage to the same
+held-out questions.
 """
 
 import json
@@ -20,13 +21,13 @@ from pathlib import Path
 
 import torch
 
-from configs import option, parse_args
+from configs import check_options, device_rules, option, parse_args
 from devices import pick_device, pick_dtype
 from evals import TaskOptions, evaluate_task
 from plots import read_metrics, write_curves
 from pretrained import load_checkpoint
 
-STAGE_ORDER = ("pretrain", "sft", "lora", "dpo")
+STAGE_ORDER = ("pretrain", "sft", "lora", "dpo", "reward", "grpo", "ppo", "distill")
 
 
 @dataclass
@@ -41,6 +42,11 @@ class ReportConfig:
     device: str = option("'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'mps'", default="auto")
     dtype: str = option("'auto' (bfloat16/float16 on CUDA, else float32), 'float32', 'bfloat16', 'float16'",
                         default="auto")
+
+    def __post_init__(self):
+        check_options(self, [("eval_samples", self.eval_samples >= 0, "must be >= 0 (0 = no answer evaluation)"),
+                             ("max_tokens", self.max_tokens >= 0, "must be >= 0 (0 = all)"),
+                             ("samples", self.samples >= 0, "must be >= 0"), *device_rules(self)])
 
 
 def stage_dirs(root: Path) -> list[Path]:
@@ -140,8 +146,10 @@ def evaluate_stages(dirs: list[Path], cfg: ReportConfig, data_dir: Path) -> tupl
         except (OSError, ValueError) as e:
             rows.append(f"| {directory.name} | {cell(e)} |||||||")
             continue
-        model.to(device, dtype).eval()
         n_params[directory.name] = model.num_params()
+        if stage == "reward":
+            continue
+        model.to(device, dtype).eval()
         print(f"evaluating {directory}", file=sys.stderr)
         ppl, acc = {}, {}
         if val_bin.exists():

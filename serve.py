@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from configs import QuantizeOption, option, parse_args
+from configs import QuantizeOption, check_options, device_rules, exit_on_bad_input, option, parse_args
 from devices import pick_device, pick_dtype
 from engine import Engine, QueueFull, SamplingParams, Sequence
 from pretrained import find_checkpoint, load_checkpoint
@@ -66,10 +66,10 @@ class ServeConfig(QuantizeOption):
     dtype: str = option("'auto' (bfloat16/float16 on CUDA, else float32), 'float32', 'bfloat16', 'float16'",
                         default="auto")
 
-    def validate(self):
-        for name in ("port", "max_batch", "max_queue", "max_tokens", "max_n", "request_timeout"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}")
+    def __post_init__(self):
+        """One-line ValueErrors for settings that cannot work."""
+        check_options(self, [*((name, getattr(self, name) > 0, "must be > 0") for name in (
+            "port", "max_batch", "max_queue", "max_tokens", "max_n", "request_timeout")), *device_rules(self)])
 
 
 # ----------------------------------------------------------------------------- requests (OpenAI's fields)
@@ -466,7 +466,6 @@ def create_app(server: Server) -> FastAPI:
 
 def load_server(cfg: ServeConfig) -> Server:
     """The checkpoint (as demo.py finds and loads it) behind a Server."""
-    cfg.validate()
     device = pick_device(cfg.device)
     checkpoint = find_checkpoint(cfg.checkpoint, log=info)
     model, tokenizer, stage = load_checkpoint(checkpoint, device, log=info, quantize=cfg.quantize)
@@ -482,10 +481,8 @@ def load_server(cfg: ServeConfig) -> Server:
 
 def main(argv: list[str] | None = None):
     cfg = parse_args(ServeConfig, argv, description=__doc__)
-    try:
+    with exit_on_bad_input():
         server = load_server(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        sys.exit(f"error: {e}")
     info(f"web chat: http://{cfg.host}:{cfg.port}/   API: http://{cfg.host}:{cfg.port}/v1")
     uvicorn.run(create_app(server), host=cfg.host, port=cfg.port, log_level="info")
 

@@ -127,6 +127,8 @@ FACTS = {
                    "{hero}和谁一起玩？", "{hero}和{friend}一起玩。"),
     "found": Fact("obj", "What did {hero} find {place_at}?", "{hero} found {a_obj}.",
                   "{hero}在{place_loc}找到了什么？", "{hero}找到了{a_obj}。"),
+    "finder": Fact("hero", "Who found the {obj}?", "{hero} found the {obj}.",
+                   "谁找到了{obj}？", "{hero}找到了{obj}。"),
     "lost": Fact("obj", "What did {hero} lose?", "{hero} lost {his} {colour} {obj}.",
                  "{hero}丢了什么？", "{hero}丢了{ta}的{colour}{obj}。"),
     "gift": Fact("obj", "What did {friend} give {hero}?", "{friend} gave {hero} {a_obj}.",
@@ -232,19 +234,20 @@ SHAPES = (
               ("{name2}送给{ta}{a_obj2}。", None),
               ("他们吃了{food}，还一起玩{obj}。", "{hero}吃了{food}，然后和{friend}一起玩{obj}。"),
               ("{hero}感到很{feeling}。", "这是最好的一天，{hero}感到很{feeling}。"))),
-    Shape("treasure", ("found", "colour", "place", "friend", "feeling"),
+    Shape("treasure", ("found", "finder", "colour", "place", "friend", "feeling"),
           en=(("{opener}{hero} went to {place}.", "{opener}{hero} went to {place} to look for treasure."),
               ("{He} looked under the rocks and behind the trees.", None),
-              ("{hero} found {a_obj} {spot}.", "Suddenly, {hero} found {a_obj}!"),
+              ("{hero} found {a_obj} {spot}.", "Suddenly, {hero} found {a_obj}!", "{hero} found {a_obj} {place_at}."),
               ("There was also {a_obj2}, but it was broken.", None),
-              ("{He} ran to show it to {friend}.", "{hero} showed the {obj} to {friend}."),
+              ("{He} ran to show it to {friend}.", "{hero} showed the {obj} to {friend}.",
+               "{hero} gave the {obj} to {friend}."),
               ("{hero} and {friend} played with the {obj} all day.", "Then {hero} played with {friend} and the {obj}."),
               ("{hero} felt {feeling}.",)),
           zh=(("{opener}{hero}去{place}找宝贝。", "{opener}{hero}去了{place}。"),
               ("{ta}在石头下面和大树后面找啊找。", None),
               ("{hero}在{place_loc}找到了{a_obj}。", "突然，{hero}在{spot}找到了{a_obj}！"),
               ("那里还有{a_obj2}，可是已经坏了。", None),
-              ("{ta}跑去给{friend}看。", "{hero}把{obj}拿给{friend}看。"),
+              ("{ta}跑去给{friend}看。", "{hero}把{obj}拿给{friend}看。", "{hero}把{obj}送给了{friend}。"),
               ("{hero}和{friend}一起玩{obj}，玩了一整天。", "然后，{hero}和{friend}一起玩{obj}。"),
               ("{hero}感到很{feeling}。",))),
     Shape("rainy_day", ("helper", "food", "feeling"),
@@ -488,20 +491,24 @@ def _prompt(story: Story, fact: str) -> str:
     return f"{story.text}\n\n{story.question(fact)}"
 
 
-def _iter_chats(seed: int) -> Iterator[tuple[str, dict]]:
-    """Endless (story text, chat) pairs; the story text lets callers keep val stories out of train."""
-    rng = _rng("chats", seed)
+def _iter_chats(seed: int, every_fact: bool = False) -> Iterator[tuple[str, dict]]:
+    """Endless (story text, chat) pairs; the story text lets callers keep val stories out of train.
+
+    A chat asks one question about its story, sometimes two; with `every_fact` it asks about every fact of the
+    story, in a random order (the pretraining lessons).
+    """
+    rng = _rng("lessons" if every_fact else "chats", seed)
     while True:
         story = sample_story(rng)
-        n_questions = 2 if rng.random() < 0.2 else 1
+        n_questions = len(story.facts) if every_fact else 2 if rng.random() < 0.2 else 1
         facts = rng.sample(story.facts, n_questions)
         messages = []
         if rng.random() < 0.2:
             messages.append({"role": "system", "content": SYSTEM_PROMPTS[story.lang]})
-        for i, fact in enumerate(facts):
-            # The story is told once, in the first user turn; a follow-up turn asks only the question.
-            question = _prompt(story, fact) if i == 0 else story.question(fact)
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": story.answer(fact)}]
+        turns = [(_prompt(story, fact) if i == 0 else story.question(fact), story.answer(fact))
+                 for i, fact in enumerate(facts)]  # the story is told once, in the first user turn
+        for question, answer in turns:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         yield story.text, {"conversations": messages}
 
 
@@ -535,6 +542,15 @@ def generate_chats(n: int, seed: int) -> list[dict]:
     return [chat for _, chat in islice(_iter_chats(seed), n)]
 
 
+def generate_lessons(n: int, seed: int) -> list[dict]:
+    """`n` chats for pretraining, in generate_chats' format, each asking every question its story answers.
+
+    Mixed into the pretraining documents (as nanochat's mid-training mixes in conversations), they teach the
+    skill the later stages measure, reading the answer out of the story, from the first step on.
+    """
+    return [chat for _, chat in islice(_iter_chats(seed, every_fact=True), n)]
+
+
 def generate_preference_pairs(n: int, seed: int) -> list[dict]:
     """`n` DPO pairs: {"prompt", "chosen", "rejected", "fact", "value", "lang"}.
 
@@ -549,22 +565,28 @@ def _take_unseen(items: Iterator[tuple[str, dict]], n: int, seen: set[str]) -> l
     return list(islice((item for story, item in items if story not in seen), n))
 
 
-def write_default_dataset(raw_dir, seed: int = 1337, n_stories: int = 22_000, n_chats: int = 10_000,
-                          n_pairs: int = 5_000, n_val: int = 400) -> Path:
+def write_default_dataset(raw_dir, seed: int = 1337, n_stories: int = 0, n_lessons: int = 20_000,
+                          n_chats: int = 10_000, n_pairs: int = 5_000, n_val: int = 400) -> Path:
     """Write the StoryWorld files into `raw_dir` and return it.
 
-    stories.jsonl ({"text"} per line, ~6 MB, for pretraining), sft_train.jsonl / sft_val.jsonl (chats) and
-    dpo_train.jsonl / dpo_val.jsonl (preference pairs). The val files come from another seed and hold only stories
-    that no train file contains, so they measure answering questions about unseen stories. `n_val` is the size of
-    each val file.
+    pretrain.jsonl: the pretraining documents, `n_lessons` lessons ({"conversations"}, see generate_lessons) and
+    `n_stories` plain stories ({"text"}), shuffled together; sft_train.jsonl: `n_chats` further lessons (other
+    stories), so that SFT trains on the answer to every question of each story; sft_val.jsonl (chats as
+    generate_chats makes them, one or two questions each) and dpo_train.jsonl / dpo_val.jsonl (preference pairs).
+    The val files come from another seed and hold only stories that no train file contains, so they measure
+    answering questions about unseen stories. `n_val` is the size of each val file.
     """
     raw_dir = Path(raw_dir)
     raw_dir.mkdir(parents=True, exist_ok=True)
     stories = generate_stories(n_stories, seed)
-    chat_items = list(islice(_iter_chats(seed), n_chats))
+    lessons = _iter_chats(seed, every_fact=True)
+    lesson_items = list(islice(lessons, n_lessons))
+    chat_items = list(islice(lessons, n_chats))
     pair_items = list(islice(_iter_pairs(seed), n_pairs))
-    seen = set(stories) | {s for s, _ in chat_items} | {s for s, _ in pair_items}
-    write_jsonl(raw_dir / "stories.jsonl", [{"text": s} for s in stories])
+    seen = set(stories) | {s for s, _ in lesson_items} | {s for s, _ in chat_items} | {s for s, _ in pair_items}
+    documents = [{"text": s} for s in stories] + [chat for _, chat in lesson_items]
+    _rng("shuffle", seed).shuffle(documents)
+    write_jsonl(raw_dir / "pretrain.jsonl", documents)
     write_jsonl(raw_dir / "sft_train.jsonl", [chat for _, chat in chat_items])
     write_jsonl(raw_dir / "sft_val.jsonl", _take_unseen(_iter_chats(seed + 1), n_val, seen))
     write_jsonl(raw_dir / "dpo_train.jsonl", [pair for _, pair in pair_items])

@@ -2,7 +2,8 @@
 
 A cache is a directory of flat arrays (numpy's raw .tofile layout, one value after another):
   tokens.bin         every row's token ids, one row after another (uint16, or uint32 for larger vocabularies)
-  masks.bin          one uint8 per token: 1 where the model is trained to write it (assistant content)
+  masks.bin          one uint8 per token: 1 where the model is trained to write it (assistant content); the
+                     loss weight of each token (dataset.token_weights) follows from it and the token's id
   offsets.bin        int64, rows + 1 of them: row i is tokens[offsets[i]:offsets[i + 1]]
   first_trained.bin  int64 per row: the first position >= 1 whose mask is 1 (the row's length if none)
   lines.bin          int64 per row: the line (or hf row) of the source it came from, for error messages
@@ -17,26 +18,18 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from fileio import write_json
+from fileio import data_file, write_json
 
-FORMAT = 1  # bump when the layout or the tokenisation of rows changes: old caches are then ignored
+# Bump when the layout or the tokenisation of rows changes: old caches are then ignored (and rebuilt).
+# 2: an assistant's <think> and </think> are the special tokens (Tokenizer.encode_reply).
+FORMAT = 2
 ROW_ARRAYS = {"offsets": np.int64, "first_trained": np.int64, "lines": np.int64}
-
-
-def fingerprint(tokenizer) -> bytes:
-    """What decides a tokenizer's ids: its split pattern, merge ranks and special tokens."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(tokenizer.pat_str.encode())
-    h.update(json.dumps(tokenizer.special_ids, sort_keys=True).encode())
-    for token, rank in tokenizer.mergeable_ranks.items():
-        h.update(len(token).to_bytes(2, "little") + token + rank.to_bytes(4, "little"))
-    return h.digest()
 
 
 def file_digest(path) -> bytes:
@@ -54,7 +47,7 @@ def cache_dir(source: str, tokenizer, kind: str, hf_data_files: str = "", hf_spl
     library's own cache, keyed by its name, data files and split (and the content of data files that are local).
     """
     h = hashlib.blake2b(f"{FORMAT}\0{kind}\0".encode(), digest_size=8)
-    h.update(fingerprint(tokenizer))
+    h.update(tokenizer.fingerprint())
     if source.startswith("hf:"):
         import datasets.config  # imported here: slow to import and only needed for this source
 
@@ -64,9 +57,7 @@ def cache_dir(source: str, tokenizer, kind: str, hf_data_files: str = "", hf_spl
                 h.update(file_digest(name))
         name = source[3:].replace("/", "--")
         return Path(datasets.config.HF_DATASETS_CACHE) / "nanollm" / f"{name}.{kind}-{h.hexdigest()}"
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing")
+    path = data_file(source)
     h.update(file_digest(path))
     return path.parent / ".cache" / f"{path.name}.{kind}-{h.hexdigest()}"
 
@@ -88,10 +79,7 @@ def write_rows(directory: Path, rows: Iterable[tuple[int, list[int], list[int]]]
     """
     dtype = np.uint16 if vocab_size <= 2**16 else np.uint32
     dtypes = {"tokens": dtype, "masks": np.uint8, **ROW_ARRAYS}
-    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building(directory) as tmp:
         with ExitStack() as stack:
             files = {name: stack.enter_context(open(tmp / f"{name}.bin", "wb")) for name in dtypes}
             buffers = {name: [] for name in dtypes}
@@ -115,6 +103,21 @@ def write_rows(directory: Path, rows: Iterable[tuple[int, list[int], list[int]]]
             flush()
         write_json(tmp / "meta.json", {"format": FORMAT, "rows": n_rows, "tokens": n_tokens,
                                        "dtype": np.dtype(dtype).name, **meta()})
+
+
+def is_complete(directory: Path) -> bool:
+    return (directory / "meta.json").exists()
+
+
+@contextmanager
+def building(directory: Path) -> Iterator[Path]:
+    """A fresh temporary directory beside `directory` to build a cache in (its meta.json last); renamed to
+    `directory` when the block ends, removed if it fails, so that nothing half-built looks complete."""
+    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         try:
             os.replace(tmp, directory)
         except OSError:  # another process finished the same cache first: keep theirs
@@ -124,11 +127,7 @@ def write_rows(directory: Path, rows: Iterable[tuple[int, list[int], list[int]]]
         shutil.rmtree(tmp, ignore_errors=True)  # only still there if something failed
 
 
-def is_complete(directory: Path) -> bool:
-    return (directory / "meta.json").exists()
-
-
-def _read_array(path: Path, dtype) -> np.ndarray:
+def read_array(path: Path, dtype) -> np.ndarray:
     """A memory-mapped flat array (np.memmap refuses an empty file)."""
     return np.memmap(path, dtype=dtype, mode="r") if path.stat().st_size else np.empty(0, dtype)
 
@@ -137,11 +136,11 @@ class TokenRows:
     """A cache written by write_rows: `row(i)` reads row i's ids and mask from disk."""
 
     def __init__(self, directory):
-        directory = Path(directory)
+        self.directory = directory = Path(directory)
         self.meta = json.loads((directory / "meta.json").read_text())
         self.dtype = np.dtype(self.meta["dtype"])
         for name, dtype in ROW_ARRAYS.items():
-            setattr(self, name, _read_array(directory / f"{name}.bin", dtype))
+            setattr(self, name, read_array(directory / f"{name}.bin", dtype))
         self._tokens = open(directory / "tokens.bin", "rb")
         self._masks = open(directory / "masks.bin", "rb")
 

@@ -7,9 +7,9 @@ Three sources of vocabularies:
     tiktoken downloads once into its cache.
   * `HFTokenizer`: a pretrained model's byte-level BPE (a Hugging Face tokenizer.json), with the
     same ids as transformers, and the model's own chat template (rendered with jinja2).
-Our own have the 4 special tokens below, and `save_pretrained`/`from_pretrained` store them as
-`tokenizer.tiktoken` + `tokenizer_config.json`; an HFTokenizer is stored as the Hugging Face files.
-`save_hf` writes either in the Hugging Face format (export.py).
+Our own have the special tokens below (those made before the reasoning format lack its two, <think> and
+</think>), and `save_pretrained`/`from_pretrained` store them as `tokenizer.tiktoken` + `tokenizer_config.json`;
+an HFTokenizer is stored as the Hugging Face files. `save_hf` writes either in the Hugging Face format (export.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import bisect
 import codecs
+import hashlib
 import itertools
 import json
 import os
@@ -39,15 +40,25 @@ EOT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 PAD = "<|pad|>"
-SPECIAL_TOKENS = [EOT, IM_START, IM_END, PAD]
+CHAT_TOKENS = [EOT, IM_START, IM_END, PAD]  # every tokenizer has these
+# The reasoning format: an assistant reply `<think>` + reasoning + `</think>` + the answer (R1 style).
+THINK_START, THINK_END = "<think>", "</think>"
+SPECIAL_TOKENS = [*CHAT_TOKENS, THINK_START, THINK_END]  # what a new tokenizer gets
 CHAT_ROLES = ("system", "user", "assistant")
 
-# GPT-4's cl100k split pattern, except `\p{N}{1,3}` instead of `\p{N}{1,3}+`: Oniguruma
-# (used by `tokenizers`) reads `{1,3}+` as "repeat {1,3} one or more times", not as
-# possessive, so numbers would split differently. With this spelling both regex engines
-# split text identically (fuzz-tested), which is what keeps the ids equal.
+# GPT-4's cl100k split pattern with three changes, which make a name the same token(s) wherever it stands, so
+# that a small model can copy it from a story into an answer:
+#   * every Han (Chinese) character is a piece of its own (`\p{Han}`; the letter runs are `[^\p{Han}\P{L}]`,
+#     letters that are not Han). Chinese has no spaces, so cl100k's letter runs would be whole clauses, and the
+#     BPE would learn templated clauses as single tokens, a name fused with its neighbours.
+#   * a word that starts with a capital letter does not take the space before it (`(?!\p{Lu})`): " Tom" in
+#     "gave it to Tom" and "Tom" at the start of a sentence or a reply are both " " + "Tom", not two unrelated
+#     tokens. It costs one token per capitalised word inside a sentence.
+#   * `\p{N}{1,3}` instead of `\p{N}{1,3}+`: Oniguruma (used by `tokenizers`) reads `{1,3}+` as "repeat
+#     {1,3} one or more times", not as possessive, so numbers would split differently.
+# Both regex engines split text identically with this pattern (fuzz-tested), which is what keeps the ids equal.
 PAT_STR = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}"""
+    r"""'(?i:[sdmt]|ll|ve|re)|\p{Han}|(?:[^\r\n\p{L}\p{N}](?!\p{Lu}))?+[^\p{Han}\P{L}]++|\p{N}{1,3}"""
     r"""| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
 )
 VOCAB_FILE = "tokenizer.tiktoken"
@@ -107,7 +118,7 @@ class Tokenizer:
 
     def __init__(self, name: str, pat_str: str, mergeable_ranks: dict[bytes, int],
                  special_tokens: dict[str, int]):
-        missing = [t for t in SPECIAL_TOKENS if t not in special_tokens]
+        missing = [t for t in CHAT_TOKENS if t not in special_tokens]
         if missing:
             raise ValueError(f"special tokens missing: {missing}")
         ids = [*mergeable_ranks.values(), *special_tokens.values()]
@@ -161,7 +172,7 @@ class Tokenizer:
         try:
             base = tiktoken.get_encoding(name)
         except Exception as e:
-            raise RuntimeError(
+            raise ConnectionError(
                 f"tiktoken encoding {name!r} needs a network connection or "
                 f"TIKTOKEN_CACHE_DIR with its cached file ({type(e).__name__}); the offline "
                 f"default is the trained BPE: python prepare.py --tokenizer bpe") from e
@@ -247,6 +258,16 @@ class Tokenizer:
         write_json(os.path.join(directory, HF_FILE), data)
         write_json(os.path.join(directory, CONFIG_FILE), config)
 
+    def fingerprint(self) -> bytes:
+        """A digest of what decides the ids: the split pattern, merge ranks and special tokens. Two tokenizers
+        with the same fingerprint turn every text into the same ids."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(self.pat_str.encode())
+        h.update(json.dumps(self.special_ids, sort_keys=True).encode())
+        for token, rank in self.mergeable_ranks.items():
+            h.update(len(token).to_bytes(2, "little") + token + rank.to_bytes(4, "little"))
+        return h.digest()
+
     # ---- encoding ----
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
@@ -255,6 +276,12 @@ class Tokenizer:
         if allow_special:
             return self.enc.encode(text, allowed_special="all")
         return self.enc.encode_ordinary(text)
+
+    def encode_reply(self, text: str) -> list[int]:
+        """Token ids of an assistant's reply: as `encode`, except that the reasoning format's
+        <think> and </think> are its special tokens."""
+        reasoning = {THINK_START, THINK_END} & self.special_ids.keys()
+        return self.enc.encode(text, allowed_special=reasoning, disallowed_special=())
 
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]:
         """`encode` (no specials) of many texts, on tiktoken's thread pool."""
@@ -277,7 +304,8 @@ class Tokenizer:
         Pieces are encoded separately (never across a boundary), so a conversation and
         its prefixes tokenise the same at training and inference time. The mask, if asked
         for, is 1 on each assistant content and its `<|im_end|>`: what the model must learn
-        to write, including when to stop.
+        to write, including when to stop. In an assistant's content `<think>` and `</think>`
+        are the special tokens (if the tokenizer has them); every other text is plain text.
         """
         ids: list[int] = []
         mask: list[int] = []
@@ -286,7 +314,8 @@ class Tokenizer:
             if role not in CHAT_ROLES:
                 raise ValueError(f"unknown chat role {role!r}; expected one of {CHAT_ROLES}")
             head = [self.im_start_id, *self.encode(role + "\n")]
-            body = [*self.encode(message["content"]), self.im_end_id]
+            content = message["content"]
+            body = [*(self.encode_reply(content) if role == "assistant" else self.encode(content)), self.im_end_id]
             tail = self.encode("\n")
             ids += head + body + tail
             mask += [0] * len(head) + [int(role == "assistant")] * len(body) + [0] * len(tail)
@@ -322,9 +351,24 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self.special_ids[PAD]
 
+    @property
+    def think_ids(self) -> tuple[int, ...]:
+        """The ids of <think> and </think>; () for a tokenizer made before the reasoning format."""
+        return tuple(self.special_ids[t] for t in (THINK_START, THINK_END) if t in self.special_ids)
+
     def __repr__(self) -> str:
         return f"Tokenizer(name={self.name!r}, vocab_size={self.vocab_size})"
 
+
+def split_think(reply: str) -> tuple[str, str]:
+    """(reasoning, answer) of a reply in the reasoning format `<think>…</think>answer`; ("", reply) for a plain
+    reply. A reply that opens <think> and never closes it has no answer yet: (the rest, "")."""
+    if THINK_END in reply:
+        think, answer = reply.rsplit(THINK_END, 1)
+        return think.replace(THINK_START, "", 1).strip(), answer.strip()
+    if reply.lstrip().startswith(THINK_START):
+        return reply.lstrip()[len(THINK_START):].strip(), ""
+    return "", reply
 
 
 def _merge_of(ranks: dict[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes]:
@@ -587,6 +631,13 @@ class HFTokenizer(Tokenizer):
         os.makedirs(directory, exist_ok=True)
         write_json(os.path.join(directory, HF_FILE), self.data)
         write_json(os.path.join(directory, CONFIG_FILE), config)
+
+    def fingerprint(self) -> bytes:
+        """A digest of tokenizer.json, the special tokens and the chat template: beyond the ranks, the normalizer,
+        the pre-tokenizer steps, the ids of the ranks and the chat template decide this tokenizer's ids."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps([self.data, self.special_tokens_map, self.chat_template], sort_keys=True).encode())
+        return h.digest()
 
     # ---- properties ----
 

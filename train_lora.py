@@ -6,14 +6,17 @@ embedded StoryWorld chats and saves only the adapters (a few MB) to checkpoint/l
 Every flag is listed by --help (the LoRA ones start with lora_).
 """
 
+from pathlib import Path
+
 import lora
 from configs import LoRAConfig, exit_on_bad_input, parse_train_args
-from trainers import LoRATrainer, run_stage
+from trainers import LoRATrainer, check_out_dir, run_stage
 
 if __name__ == "__main__":
     cfg, model_overrides = parse_train_args(LoRAConfig, description=__doc__)
     if cfg.export_merged:
         with exit_on_bad_input():
+            check_out_dir(Path(cfg.export_merged), "lora", resume=False, overwrite=cfg.overwrite)
             out = lora.export_merged(cfg.out_dir or "checkpoint/lora", cfg.export_merged)
         print(f"saved {out}: the adapters folded into their base weights")
     elif cfg.show_mask:

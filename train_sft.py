@@ -1,9 +1,10 @@
 """Supervised fine-tuning: turn a pretrained model into a chat model, training only on the assistant's tokens.
 
-With no arguments it loads the latest checkpoint/pretrain, trains on the embedded StoryWorld chats
-(data/storyworld/sft_train.jsonl) and saves to checkpoint/sft/, reporting the masked validation loss and the
-answer accuracy on held-out questions before and after. `--show_mask` prints a tokenised chat with the trained
-tokens marked. Every flag is listed by --help. Multi-GPU: torchrun --nproc_per_node N train_sft.py
+With no arguments it loads the best model of the latest checkpoint/pretrain, trains one pass (plan.py) over the
+embedded StoryWorld lessons (data/storyworld/sft_train.jsonl: stories with all their questions) and saves to
+checkpoint/sft/, reporting the masked validation loss and the answer accuracy on held-out questions before and
+after. `--show_mask` prints a tokenised chat with the trained tokens marked. Every flag is listed by --help.
+Multi-GPU: torchrun --nproc_per_node N train_sft.py
 """
 
 from configs import SFTConfig, exit_on_bad_input, parse_train_args

@@ -1,11 +1,8 @@
 """Shared fixtures: a tiny prepared data set, made in a temp dir (no network, no generated files kept)."""
 
-import json
-
-import numpy as np
 import pytest
 
-from tests.helpers import make_chats, make_checkpoint, sample_text, write_jsonl
+from tests.helpers import make_chats, make_checkpoint, sample_text, write_data_dir, write_jsonl
 from tokenizer import Tokenizer
 
 
@@ -17,15 +14,7 @@ def tokenizer() -> Tokenizer:
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory, tokenizer):
     """A directory laid out as prepare.py writes it: train.bin, val.bin, meta.json, the tokenizer."""
-    d = tmp_path_factory.mktemp("data")
-    for split, seed in (("train", 0), ("val", 1)):
-        ids = []
-        for doc in sample_text(600 if split == "train" else 100, seed):
-            ids += tokenizer.encode(doc) + [tokenizer.eot_id]
-        np.array(ids, dtype=np.uint16).tofile(d / f"{split}.bin")
-    (d / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": tokenizer.vocab_size}))
-    tokenizer.save_pretrained(d)
-    return d
+    return write_data_dir(tmp_path_factory.mktemp("data"), tokenizer)
 
 
 @pytest.fixture

@@ -1,6 +1,10 @@
 """Helpers shared by the tests (fixtures are in conftest.py): small model shapes, data and trainer builders."""
 
 import json
+import os
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -48,23 +52,65 @@ def make_checkpoint(directory, tokenizer, stage: str, max_seq_len: int = 64):
     return directory
 
 
+def write_data_dir(directory, tokenizer):
+    """A directory laid out as prepare.py writes it (train.bin, val.bin, meta.json, the tokenizer), of sample_text."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, seed in (("train", 0), ("val", 1)):
+        ids = []
+        for doc in sample_text(600 if split == "train" else 100, seed):
+            ids += tokenizer.encode(doc) + [tokenizer.eot_id]
+        np.array(ids, dtype=np.uint16).tofile(directory / f"{split}.bin")
+    (directory / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": tokenizer.vocab_size}))
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def pretrain_config(data_dir, out_dir, **train) -> TrainConfig:
+    """The tiny model's pretraining run on the data_dir fixture: 16 steps of 4 x 32 tokens by default."""
+    return TrainConfig(**{**dict(data_dir=str(data_dir), out_dir=str(out_dir), device="cpu",
+                                 batch_size=4, seq_len=32, max_steps=16, warmup_steps=2, lr=3e-3,
+                                 eval_interval=8, eval_iters=2, log_interval=4, save_interval=8), **train})
+
+
 def make_trainer(data_dir, out_dir, model: dict | None = None, **train) -> PretrainTrainer:
-    """A pretraining run of the tiny model on the data_dir fixture: 16 steps of 4 x 32 tokens by default."""
-    cfg = TrainConfig(**{**dict(data_dir=str(data_dir), out_dir=str(out_dir), preset="tiny", device="cpu",
-                                batch_size=4, seq_len=32, max_steps=16, warmup_steps=2, lr=3e-3,
-                                eval_interval=8, eval_iters=2, log_interval=4, save_interval=8), **train})
-    return PretrainTrainer(cfg, {**TINY_MODEL, **(model or {})})
+    """A trainer of pretrain_config's run (model: overrides of TINY_MODEL)."""
+    return PretrainTrainer(pretrain_config(data_dir, out_dir, **train), {**TINY_MODEL, **(model or {})})
 
 
-def crash_during_step(trainer, step: int, error: BaseException) -> None:
-    """Make trainer raise `error` while drawing the first micro-batch of optimizer step `step` (0-based),
-    as a crash or a Ctrl-C in the middle of training would (grad_accum 1)."""
+def during_step(trainer, step: int, action) -> None:
+    """Call action() when trainer draws the first micro-batch of optimizer step `step` (0-based, grad_accum 1):
+    e.g. to crash, or to send a signal, in the middle of training."""
     original, calls = trainer.next_batch, {"n": 0}
 
     def next_batch():
         calls["n"] += 1
         if calls["n"] == step + 1:
-            raise error
+            action()
         return original()
 
     trainer.next_batch = next_batch
+
+
+def crash_during_step(trainer, step: int, error: BaseException) -> None:
+    """Make trainer raise `error` during optimizer step `step`, as a crash would."""
+
+    def crash():
+        raise error
+
+    during_step(trainer, step, crash)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n: int, script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a training script under torchrun with n CPU processes (gloo); it must succeed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n),
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", script, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result

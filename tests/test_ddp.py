@@ -1,10 +1,6 @@
 """torchrun DDP on 2 CPU processes (gloo) trains exactly like one process with the same global batch."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +10,7 @@ from checkpoint import load_run_info
 from configs import TrainConfig
 from dataset import WindowSampler
 from model import GPT
-from tests.helpers import TINY_MODEL
+from tests.helpers import TINY_MODEL, torchrun
 from trainers import PretrainTrainer
 
 # Float32 sums reduced in a different order (gloo's all-reduce vs one batch) differ in the last bits;
@@ -23,27 +19,12 @@ TOLERANCE = 1e-4
 
 # The constant learning rate after warmup (min_lr = lr) makes a 4-step run followed by a resumed 4 more
 # follow the same schedule as one 8-step run.
-TRAIN = dict(preset="tiny", device="cpu", seq_len=32, max_steps=8, warmup_steps=2, lr=3e-3, min_lr=3e-3,
+TRAIN = dict(device="cpu", seq_len=32, max_steps=8, warmup_steps=2, lr=3e-3, min_lr=3e-3,
              eval_interval=4, eval_iters=2, log_interval=1, save_interval=100, compile="false")
 
 
 def flags(**kwargs) -> list[str]:
     return [a for k, v in kwargs.items() for a in (f"--{k}", str(v))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(n: int, *args: str):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(n),
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{free_port()}", "train_pretrain.py", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-    return result
 
 
 def losses(out_dir) -> dict[tuple[str, int], float]:
@@ -70,9 +51,10 @@ def test_two_processes_match_one_and_resume(data_dir, tmp_path):
 
     ddp_dir = tmp_path / "ddp"
     common = flags(data_dir=data_dir, out_dir=ddp_dir, batch_size=4, **{**TRAIN, "max_steps": 4}, **model)
-    torchrun(2, *common)  # steps 1-4, checkpoint at step 4
+    torchrun(2, "train_pretrain.py", *common)  # steps 1-4, checkpoint at step 4
     assert load_run_info(ddp_dir)["step"] == 4
-    resumed = torchrun(2, *common, "--max_steps", "8", "--resume")  # steps 5-8 from that checkpoint
+    # steps 5-8 from that checkpoint
+    resumed = torchrun(2, "train_pretrain.py", *common, "--max_steps", "8", "--resume")
     assert "resuming pretrain from step 4" in resumed.stdout
 
     expected, got = losses(tmp_path / "single"), losses(ddp_dir)

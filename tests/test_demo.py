@@ -86,15 +86,26 @@ def test_a_prompt_longer_than_the_context_is_cut_from_the_left_with_a_notice(tmp
 
 def test_oldest_turns_are_dropped_first(tokenizer):
     turns = [(f"question {i}", f"answer {i}") for i in range(6)]
-    full, kept = demo.chat_prompt(tokenizer, "sys", turns, "new", budget=10_000)
-    assert kept == 6
-    ids, kept = demo.chat_prompt(tokenizer, "sys", turns, "new", budget=len(full) - 1)
-    assert kept == 5 and len(ids) < len(full)
-    ids, kept = demo.chat_prompt(tokenizer, "sys", turns, "new", budget=len(full) // 2)
-    text = tokenizer.decode(ids)
-    assert 0 < kept < 5 and len(ids) <= len(full) // 2
-    assert "sys" in text and "answer 5" in text and text.endswith("new<|im_end|>\n<|im_start|>assistant\n")
-    assert "question 0" not in text
+
+    def reference(kept: int) -> list[int]:
+        """The template applied to the whole conversation at once: the last `kept` turns and the new message."""
+        history = [{"role": role, "content": text} for turn in turns[len(turns) - kept:]
+                   for role, text in zip(("user", "assistant"), turn)]
+        return tokenizer.apply_chat_template([{"role": "system", "content": "sys"}, *history,
+                                              {"role": "user", "content": "new"}], add_generation_prompt=True)
+
+    def prompt(budget: int) -> tuple[list[int], int]:
+        chat = demo.Conversation(tokenizer, "sys", budget)
+        for user, reply in turns:
+            chat.add(user, reply)
+        return chat.prompt("new")
+
+    full = reference(6)
+    assert prompt(10_000) == (full, 6)
+    assert prompt(len(full) - 1) == (reference(5), 5)
+    ids, kept = prompt(len(full) // 2)
+    assert 0 < kept < 5 and ids == reference(kept)
+    assert len(ids) <= len(full) // 2 < len(reference(kept + 1))  # the most turns that fit
 
 
 def test_stream_decoder_holds_back_partial_characters(tokenizer):
@@ -126,6 +137,24 @@ def test_ctrl_c_during_a_reply_keeps_what_was_said(tmp_path, tokenizer):
     assert "**user:** hello" in transcript and record["reply"] in transcript
 
 
+@pytest.mark.parametrize("show_think", [False, True])
+def test_the_reasoning_is_shown_only_with_show_think(tmp_path, tokenizer, capsys, show_think):
+    ckpt = make_checkpoint(tmp_path / "sft", tokenizer, "sft")
+    cfg = demo.DemoConfig(checkpoint=str(ckpt), prompt="Who has a kite?", output_dir=str(tmp_path / "out"),
+                          show_think=show_think)
+    session = demo.Demo(cfg)
+    reply = "<think>Tom has a kite.</think>Tom has a kite."
+    tokens = [*tokenizer.encode_reply(reply), tokenizer.im_end_id]
+    session.model.generate_stream = lambda *args, **kwargs: (torch.tensor([t]) for t in tokens)
+    session.run()
+    out, err = capsys.readouterr()
+    (record,), transcript = read_session(tmp_path / "out")
+    assert record["reply"] == reply and reply in transcript  # the transcript keeps all of it
+    n_think = len(tokenizer.encode_reply("<think>Tom has a kite.</think>"))
+    assert out == (f"{reply}\n" if show_think else "Tom has a kite.\n")
+    assert (f"({n_think} of reasoning, not shown" in err) != show_think
+
+
 def test_sessions_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
     monkeypatch.setattr(demo.time, "strftime", lambda fmt: "20250101-120000")
     dirs = [demo.new_session_dir(tmp_path) for _ in range(3)]
@@ -142,6 +171,9 @@ def test_the_newest_checkpoint_is_picked(tmp_path, tokenizer):
     (adapter / checkpoint.WEIGHTS).unlink()
     (adapter / lora.ADAPTER_CONFIG).write_text("{}")
     assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "lora"
+    make_checkpoint(tmp_path / "reward", tokenizer, "reward")  # newer, but the demo leaves reward models out
+    assert checkpoint.latest_checkpoint(tmp_path) == tmp_path / "reward"
+    assert checkpoint.latest_checkpoint(tmp_path, exclude=("reward",)) == tmp_path / "lora"
 
 
 def test_missing_broken_or_unloadable_checkpoints_are_one_line_errors(tmp_path, tokenizer, monkeypatch):
@@ -170,7 +202,7 @@ def test_model_type_is_only_a_check_against_the_checkpoint(tmp_path, tokenizer, 
     run(tmp_path / "tiny", "tiny")  # the right preset: accepted
     assert "Traceback" not in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"--model_type tiny: .*small is not of that shape: dim=32 \(the preset "
-                                         r"has 128\).*config.json gives its shape"):
+                                         r"has 256\).*config.json gives its shape"):
         run(small, "tiny")
     with pytest.raises(SystemExit, match="--model_type must be one of tiny, "):
         run(small, "llama-7b")

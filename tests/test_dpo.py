@@ -128,6 +128,8 @@ def test_every_preference_format(tmp_path):
     ({"prompt": "q", "chosen": "a", "rejected": 3}, "f:9: field 'rejected' is not a string"),
     ({"prompt": "q", "chosen": "a", "rejected": " "}, "f:9: rejected.* empty assistant turn"),
     ({"chosen": [msg(USER, "hi"), msg(BOT, "a")], "rejected": [msg(USER, "hi"), msg(BOT, "a")]}, "do not differ"),
+    ({"prompt": "q", "chosen": "same", "rejected": " same "}, "f:9: 'chosen' and 'rejected' do not differ"),
+    ({"prompt": "\n\nHuman: q\n\nAssistant:", "chosen": "a", "rejected": "a"}, "f:9: .* do not differ"),
     ({"chosen": [msg(USER, "hi"), msg(BOT, "a")], "rejected": [msg(USER, "yo"), msg(BOT, "b")]}, "share no prompt"),
     ({"chosen": [msg("robot", "x"), msg(BOT, "a")], "rejected": []}, "f:9: chosen\\[0\\] has unknown role"),
     ({"chosen": "Tom: hi", "rejected": "Tom: yo"}, "f:9: field 'chosen' is not in the"),
@@ -227,7 +229,7 @@ def dpo_setup(tmp_path, tokenizer):
 def make_dpo(root, model_overrides=None, **train):
     cfg = DPOConfig(**{**dict(init_from=str(root / "sft"), out_dir=str(root / "dpo"), data_dir=str(root),
                               train_file=str(root / "train.jsonl"), val_file=str(root / "val.jsonl"),
-                              device="cpu", batch_size=4,
+                              device="cpu", batch_size=4, seq_len=64,
                               max_steps=12, warmup_steps=2, lr=3e-3, min_lr=3e-4, eval_interval=6, eval_iters=1,
                               save_interval=6, beta=0.5, eval_samples=0), **train})
     return DPOTrainer(cfg, model_overrides)
@@ -286,7 +288,7 @@ def test_non_finite_loss_is_skipped_and_a_run_of_them_stops_with_the_checkpoint_
         return (loss * float("nan") if calls["n"] > 8 else loss), metrics
 
     trainer.compute_loss = nan_at_step_1_and_from_step_7
-    with pytest.raises(RuntimeError, match="10 non-finite steps in a row.*last good checkpoint"):
+    with pytest.raises(FloatingPointError, match="10 non-finite steps in a row.*last good checkpoint"):
         trainer.train()
     assert "step 1: non-finite loss or gradient, step skipped (1 in a row)" in capsys.readouterr().out
     assert checkpoint.load_train_state(dpo_setup / "dpo")["step"] == 6
@@ -397,7 +399,7 @@ def test_evaluate_reports_the_answer_accuracy_before_and_after(dpo_setup, tokeni
     trainer.train()
     records = [json.loads(line) for line in (dpo_setup / "dpo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "answer_acc" in r] == [0, 2]  # before and after DPO
-    assert "answer_acc" not in str(make_dpo(dpo_setup).evaluate())  # eval_samples=0: off
+    assert "answer_acc" not in str(make_dpo(dpo_setup, overwrite=True).evaluate())  # eval_samples=0: off
 
 
 @pytest.mark.parametrize("precompute_ref", [False, True])

@@ -64,11 +64,11 @@ def hf_tokenizer_like(tokenizer):
     """A transformers tokenizer with the fixture tokenizer's ids (the same BPE, trained again; specials after it)."""
     from transformers import PreTrainedTokenizerFast
 
-    from tokenizer import SPECIAL_TOKENS, train_hf_bpe
+    from tokenizer import PAD, SPECIAL_TOKENS, train_hf_bpe
 
     fast = PreTrainedTokenizerFast(tokenizer_object=train_hf_bpe(sample_text(), 320))
     fast.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS})
-    fast.eos_token, fast.pad_token = SPECIAL_TOKENS[0], SPECIAL_TOKENS[-1]
+    fast.eos_token, fast.pad_token = SPECIAL_TOKENS[0], PAD
     text = "Question: Which thing does Lily have?\nAnswer: the kite 你好"
     assert fast.encode(text, add_special_tokens=False) == tokenizer.encode(text)
     assert fast.eos_token_id == tokenizer.eot_id

@@ -100,6 +100,11 @@ def test_only_adapters_train_and_counts_are_right():
         assert (p.grad is not None and p.grad.abs().sum() > 0) if is_adapter else p.grad is None, name
     with pytest.raises(ValueError, match="LoRA targets match no linear layer: qkv"):
         lora.apply_lora(tiny_gpt(), targets=["q_proj", "qkv"])
+    # GPT-2's block has no gate_proj: the default targets take the six projections it has
+    gpt2_like = GPT(ModelConfig(vocab_size=96, **{**GQA_MODEL, "mlp": "gelu", "norm": "layernorm"}))
+    assert lora.apply_lora(gpt2_like)["wrapped"] == 6 * GQA_MODEL["n_layers"]
+    with pytest.raises(ValueError, match="LoRA targets match no linear layer: gate_proj"):
+        lora.apply_lora(GPT(ModelConfig(vocab_size=96, **{**GQA_MODEL, "mlp": "gelu"})), targets=["gate_proj"])
 
 
 def lora_config(d, **kw) -> LoRAConfig:

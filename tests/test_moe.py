@@ -146,7 +146,9 @@ def test_parameter_counts_and_presets():
     router = cfg.n_layers * cfg.dim * 4
     assert model.num_active_params() == dense.num_params() + router  # 1 shared + 2 routed of 48 = 144 wide
     tiny, tiny_moe = GPT(get_config("tiny")), GPT(get_config("tiny-moe"))
-    assert tiny_moe.num_active_params() - tiny.num_params() == 6 * 128 * 4
+    c, m = tiny.config, tiny_moe.config  # per layer: 3 active experts of m.hidden_dim, a router, against a SwiGLU
+    assert tiny_moe.num_active_params() - tiny.num_params() == \
+        c.n_layers * (3 * 3 * c.dim * m.hidden_dim + c.dim * m.n_routed_experts - 3 * c.dim * c.hidden_dim)
     assert "active per token" in tiny_moe.describe_size() and "active" not in tiny.describe_size()
     big = get_config("minimind2-moe")
     assert (big.dim, big.n_layers, big.n_shared_experts, big.n_routed_experts, big.num_experts_per_tok) == \

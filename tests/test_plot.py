@@ -139,7 +139,7 @@ def test_a_stage_records_tokens_mfu_and_its_command_and_draws_curves(data_dir, t
 def test_resume_continues_the_token_count(data_dir, tmp_path):
     from configs import TrainConfig
 
-    cfg = dict(data_dir=str(data_dir), out_dir=str(tmp_path / "run"), preset="tiny", device="cpu", batch_size=2,
+    cfg = dict(data_dir=str(data_dir), out_dir=str(tmp_path / "run"), device="cpu", batch_size=2,
                seq_len=16, max_steps=6, warmup_steps=1, eval_interval=100, eval_iters=1, log_interval=1,
                save_interval=3)
     crashing = PretrainTrainer(TrainConfig(**cfg), dict(TINY_MODEL))

@@ -69,6 +69,21 @@ def test_documents_round_trip_through_the_token_files(tmp_path, kind, request):
     assert not list(out.glob("*.tmp*"))
 
 
+def test_chat_lines_are_tokenised_in_the_chat_template(tmp_path):
+    chats = storyworld.generate_lessons(30, seed=0)
+    rows = [{"text": d} for d in DOCS[:30]] + chats
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    out = _prepare(tmp_path, path)
+    tok = Tokenizer.from_pretrained(out)
+    rendered = ["".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in c["conversations"])
+                for c in chats]
+    assert sorted(_decode_split(out, "train") + _decode_split(out, "val")) == sorted(DOCS[:30] + rendered)
+    ids = np.concatenate([np.fromfile(out / f"{split}.bin", dtype=np.uint16) for split in ("train", "val")])
+    # real special tokens, one <|im_start|> per message, not their text spelled out in ordinary tokens
+    assert (ids == tok.im_start_id).sum() == sum(len(c["conversations"]) for c in chats)
+
+
 def test_the_split_depends_on_the_seed_and_keeps_its_share():
     for n in (1, 7, 100, 1234):
         for seed in range(5):
@@ -105,13 +120,14 @@ def test_load_hf_documents_streams_a_local_builder(tmp_path, hf_cache):
 
 
 def test_storyworld_source_and_the_default_data_on_first_use(tmp_path, monkeypatch):
-    small = functools.partial(storyworld.write_default_dataset, n_stories=200, n_chats=20, n_pairs=20, n_val=5)
+    small = functools.partial(storyworld.write_default_dataset, n_lessons=150, n_stories=50, n_chats=20, n_pairs=20,
+                              n_val=5)
     monkeypatch.setattr(prepare, "write_default_dataset", small)
     monkeypatch.chdir(tmp_path)
     assert prepare.data_path("data/other", "x.jsonl") == prepare.Path("data/other/x.jsonl")  # never prepared here
     assert not (tmp_path / "data").exists()
     out = prepare.data_path("data/storyworld")
-    for name in ("train.bin", "val.bin", "meta.json", "stories.jsonl", "sft_train.jsonl", "sft_val.jsonl",
+    for name in ("train.bin", "val.bin", "meta.json", "pretrain.jsonl", "sft_train.jsonl", "sft_val.jsonl",
                  "dpo_train.jsonl", "dpo_val.jsonl"):
         assert (out / name).exists(), name
     meta = json.loads((out / "meta.json").read_text())
@@ -161,7 +177,7 @@ def test_bad_input_gives_one_clear_line(tmp_path):
         _prepare(tmp_path, _write(tmp_path / "docs.txt"), vocab_size=70_000, dtype="uint16")
 
 
-def test_command_line_prints_the_error_instead_of_a_traceback(tmp_path, capsys):
-    assert prepare.main(["--source", str(tmp_path / "nope.jsonl"), "--out_dir", str(tmp_path / "out")]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and "nope.jsonl: no such file" in err and len(err.splitlines()) == 1
+def test_command_line_prints_the_error_instead_of_a_traceback(tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: .*nope\.jsonl: no such file$"):
+        prepare.main(["--source", str(tmp_path / "nope.jsonl"), "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

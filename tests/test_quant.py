@@ -15,11 +15,21 @@ import demo
 import lora
 import quant
 import serve
-from configs import LORA_TARGETS, DPOConfig, LoRAConfig, ModelConfig, parse_train_args
+from configs import (
+    LORA_TARGETS,
+    DPOConfig,
+    GRPOConfig,
+    LoRAConfig,
+    ModelConfig,
+    PPOConfig,
+    RewardConfig,
+    parse_train_args,
+)
 from eval import EvalConfig
 from model import GPT
 from pretrained import load_checkpoint
-from tests.helpers import TINY_MODEL, crash_during_step, make_checkpoint, write_jsonl
+from rl import GRPOTrainer, PPOTrainer, RewardTrainer
+from tests.helpers import TINY_MODEL, crash_during_step, make_chats, make_checkpoint, write_jsonl
 from trainers import DPOTrainer, LoRATrainer
 
 MODEL = {**TINY_MODEL, "dim": 64, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 128}  # in_features multiples of 64
@@ -364,15 +374,20 @@ def test_qlora_trainer_trains_saves_and_resumes_on_its_scheme(sft_dirs):
 
 
 def test_scheme_flags_are_checked_once_for_every_stage_and_entry_point(tmp_path):
-    with pytest.raises(SystemExit, match="error: --quantize must be one of int8, nf4, fp16, bf16 .*got 'int4'"):
+    with pytest.raises(SystemExit, match=r"error: --quantize must be one of int8, nf4, fp16, bf16 .*, got int4$"):
         parse_train_args(LoRAConfig, ["--quantize", "int4"])
-    for config in (DPOConfig, demo.DemoConfig, serve.ServeConfig, EvalConfig):
+    for config in (DPOConfig, GRPOConfig, RewardConfig, demo.DemoConfig, serve.ServeConfig):
         with pytest.raises(ValueError, match="--quantize must be one of"):
             config(quantize="4bit")
+    with pytest.raises(ValueError, match="--quantize must be one of"):
+        EvalConfig(checkpoint=["c"], task="perplexity", quantize="4bit")
     with pytest.raises(ValueError, match="--reference_quant must be one of"):
         DPOConfig(reference_quant="int4")
-    with pytest.raises(ValueError, match="--quantize holds a frozen base quantised, so it needs --lora"):
-        DPOConfig(quantize="nf4")
+    for config in (DPOConfig, GRPOConfig, RewardConfig):  # the stages whose LoRA is optional
+        with pytest.raises(ValueError, match="--quantize holds the frozen base of LoRA adapters quantised, so it "
+                                             "needs --lora"):
+            config(quantize="nf4")
+        config(quantize="nf4", lora=True)
     with pytest.raises(ValueError, match="--reference_quant does not apply with --lora"):
         DPOConfig(reference_quant="nf4", lora=True)
     with pytest.raises(ValueError, match="--reference_quant does not apply with --precompute_ref"):
@@ -435,3 +450,22 @@ def test_demo_and_server_load_quantised_through_one_flag(tmp_path, tokenizer, ca
                                  {"stage": "sft", "step": 0})
     with pytest.raises(SystemExit, match=r"error: .*nf4/model.safetensors: quantised as nf4, cannot load it as int8"):
         demo.main(["--checkpoint", str(saved), "--quantize", "int8", "--prompt", "hi"])
+
+
+def test_the_rl_stages_take_qlora_through_the_shared_path(tmp_path, tokenizer):
+    make_checkpoint(tmp_path / "sft", tokenizer, "sft")
+    write_jsonl(tmp_path / "prompts.jsonl", make_chats(16, 0))
+    write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": f"{n} has a ball. What is it?", "chosen": "The ball.",
+                                            "rejected": "No."} for n in ("Tom", "Mia", "Ben", "Lily")])
+    common = dict(device="cpu", init_from=str(tmp_path / "sft"), data_dir=str(tmp_path), max_steps=2, warmup_steps=1,
+                  eval_interval=100, save_interval=100, eval_samples=0, seq_len=0, lora=True, lora_r=4,
+                  quantize="nf4")
+    rollouts = dict(train_file=str(tmp_path / "prompts.jsonl"), batch_size=2, num_generations=2,
+                    max_completion_length=4)
+    for trainer in (GRPOTrainer(GRPOConfig(**common, **rollouts, beta=0.1, out_dir=str(tmp_path / "grpo"))),
+                    PPOTrainer(PPOConfig(**common, **rollouts, out_dir=str(tmp_path / "ppo"))),
+                    RewardTrainer(RewardConfig(**common, train_file=str(tmp_path / "pairs.jsonl"), batch_size=2,
+                                               val_file=str(tmp_path / "pairs.jsonl"), out_dir=str(tmp_path / "rm")))):
+        assert quant.quantization_of(trainer.model)["scheme"] == "nf4" and trainer.reference is None
+        trainer.train()
+        assert lora.read_adapter_config(trainer.out_dir)["quantization"]["scheme"] == "nf4"

@@ -14,11 +14,21 @@ import torch.nn.functional as F
 import checkpoint
 import dataset as dataset_module
 from configs import ModelConfig, SFTConfig
-from dataset import DataError, RowSampler, SFTDataset, format_mask, load_chats, shift_chat, to_messages
+from dataset import (
+    DataError,
+    RowSampler,
+    SFTDataset,
+    format_mask,
+    load_chats,
+    shift_chat,
+    to_messages,
+    token_weights,
+)
 from evals import answer_accuracy, greedy_replies
 from loss import lm_loss
 from model import GPT
 from tests.helpers import SFT_MODEL, crash_during_step, make_chats, make_checkpoint, write_jsonl
+from tests.hf_models import make_model_dir
 from tokenizer import IM_END
 from trainers import SFTTrainer
 
@@ -90,6 +100,15 @@ def test_show_mask_marks_the_trained_tokens(tokenizer, sft_dirs):
     assert f"⟦{thing}{IM_END}⟧" in out.stdout
 
 
+def test_show_mask_gives_a_base_model_chatml_as_training_does(sft_dirs, tmp_path):
+    """A Hugging Face base model (no chat template) is shown in the ChatML that SFT trains it in, not refused."""
+    make_model_dir("gpt2", tmp_path / "gpt2")
+    cfg = SFTConfig(init_from=str(tmp_path / "gpt2"), sft_data=str(sft_dirs / "train.jsonl"), device="cpu")
+    text = SFTTrainer.show_mask(cfg)
+    thing = make_chats(1, 0)[0]["conversations"][1]["content"]
+    assert "<|im_start|>user" in text and f"⟦{thing}{IM_END}⟧" in text
+
+
 # ----------------------------------------------------------------------------- loss, padding, packing
 def test_loss_counts_only_masked_positions():
     torch.manual_seed(0)
@@ -100,6 +119,40 @@ def test_loss_counts_only_masked_positions():
     noisy = logits + 100 * torch.randn_like(logits) * (loss_mask == 0)[..., None]
     other_targets = torch.where(loss_mask == 1, targets, (targets + 1) % 11)
     assert lm_loss(noisy, other_targets, loss_mask).item() == pytest.approx(lm_loss(logits, targets, loss_mask).item())
+
+
+def test_weights_of_one_give_the_unweighted_loss(tokenizer, tmp_path):
+    """The 0/1 mask as float weights is today's loss: cross entropy's mean over the masked-in targets."""
+    torch.manual_seed(0)
+    for shape in ((2, 7, 11), (8, 64, tokenizer.vocab_size)):
+        logits, targets = 3 * torch.randn(shape), torch.randint(0, shape[-1], shape[:2])
+        mask = (torch.rand(shape[:2]) > 0.4).long()
+        unweighted = F.cross_entropy(logits.view(-1, shape[-1]), targets.masked_fill(mask == 0, -100).view(-1))
+        torch.testing.assert_close(lm_loss(logits, targets, mask.float()), unweighted, rtol=1e-7, atol=0)
+    path = write_jsonl(tmp_path / "chats.jsonl", make_chats(8, 0))
+    batch = SFTDataset(str(path), tokenizer, 64).batch(range(8))
+    assert batch["loss_mask"].dtype == torch.float32 and set(batch["loss_mask"].unique().tolist()) == {0.0, 1.0}
+
+
+def test_think_weight_weighs_only_the_reasoning_tags(tokenizer, tmp_path):
+    reply = "<think>Tom has a ball.</think>The ball."
+    chats = [{"conversations": [{"role": "user", "content": "<think> Tom has a ball. What is it?"},
+                                {"role": "assistant", "content": reply}]}] * 2
+    path = write_jsonl(tmp_path / "reasoning.jsonl", chats)
+    plain, weighted = (SFTDataset(str(path), tokenizer, 64, think_weight=w).batch([0, 1]) for w in (1.0, 10.0))
+    think_tags = torch.isin(plain["labels"], torch.tensor(tokenizer.think_ids)) & (plain["loss_mask"] > 0)
+    assert think_tags.sum() == 4  # <think> and </think> of each reply; the user's <think> is plain text
+    assert torch.equal(weighted["loss_mask"], torch.where(think_tags, 10.0, plain["loss_mask"]))
+    torch.manual_seed(0)
+    logits = torch.randn(*plain["labels"].shape, tokenizer.vocab_size)
+    # MiniMind's reasoning loss: the per-token losses times the weights, over the number of trained tokens.
+    token_losses = F.cross_entropy(logits.transpose(1, 2), plain["labels"], reduction="none")
+    minimind = (token_losses * weighted["loss_mask"]).sum() / (plain["loss_mask"] > 0).sum()
+    torch.testing.assert_close(lm_loss(logits, weighted["labels"], weighted["loss_mask"]), minimind)
+    ids, mask = tokenizer.apply_chat_template(to_messages(chats[0], "x:1"), return_assistant_mask=True)
+    x, y, m = shift_chat(ids, mask, 1000)
+    text = format_mask(tokenizer, x, y, token_weights(y, m, tokenizer.think_ids, 10.0))
+    assert text.endswith("⟦<think>⟧×10⟦Tom has a ball.⟧⟦</think>⟧×10⟦The ball.<|im_end|>⟧\n")
 
 
 def examples_loss(model, dataset, indices) -> float:

@@ -4,6 +4,8 @@ import json
 import random
 import re
 
+import pytest
+
 import storyworld as sw
 
 N = 400
@@ -25,16 +27,16 @@ def _entities_in(text: str, lang: str) -> list[str]:
 
 
 def test_same_seed_gives_same_data_other_seed_different():
-    for generate in (sw.generate_stories, sw.generate_chats, sw.generate_preference_pairs):
+    for generate in (sw.generate_stories, sw.generate_chats, sw.generate_lessons, sw.generate_preference_pairs):
         assert generate(30, 1) == generate(30, 1)
         assert generate(30, 1) != generate(30, 2)
 
 
 def test_write_default_dataset_is_byte_identical_for_a_seed(tmp_path):
-    small = dict(n_stories=60, n_chats=30, n_pairs=30, n_val=10)
+    small = dict(n_stories=60, n_lessons=40, n_chats=30, n_pairs=30, n_val=10)
     a, b, c = (sw.write_default_dataset(tmp_path / name, seed=seed, **small)
                for name, seed in (("a", 5), ("b", 5), ("c", 6)))
-    names = ["stories.jsonl", "sft_train.jsonl", "sft_val.jsonl", "dpo_train.jsonl", "dpo_val.jsonl"]
+    names = ["pretrain.jsonl", "sft_train.jsonl", "sft_val.jsonl", "dpo_train.jsonl", "dpo_val.jsonl"]
     assert sorted(p.name for p in a.iterdir()) == sorted(names)  # no temp files left behind
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes()
@@ -90,8 +92,20 @@ def test_chats_are_valid_conversations():
     json.dumps(chats)  # plain JSON data
 
 
-def test_chat_answers_copy_their_entities_from_the_story():
-    for chat in sw.generate_chats(N, 1):
+def test_lessons_ask_every_fact_of_their_story_once():
+    n_facts = {len(shape.facts) for shape in sw.SHAPES}
+    for lesson in sw.generate_lessons(N, 3):
+        messages = [m for m in lesson["conversations"] if m["role"] != "system"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * (len(messages) // 2)
+        story, first = messages[0]["content"].rsplit("\n\n", 1)
+        asked = [first] + [m["content"] for m in messages[2::2]]
+        assert all("\n" not in q for q in asked) and story not in asked[1]  # the story is told once
+        assert len(set(asked)) == len(asked) and len(asked) in n_facts
+
+
+@pytest.mark.parametrize("generate", [sw.generate_chats, sw.generate_lessons])
+def test_chat_answers_copy_their_entities_from_the_story(generate):
+    for chat in generate(N, 1):
         user = [m["content"] for m in chat["conversations"] if m["role"] == "user"]
         story, lang = _story_of(user[0]), _lang(user[0])
         for m in chat["conversations"]:
@@ -124,12 +138,14 @@ def _first_story(chat: dict) -> str:
 
 
 def test_val_stories_are_held_out(tmp_path):
-    d = sw.write_default_dataset(tmp_path, seed=0, n_stories=300, n_chats=200, n_pairs=200, n_val=50)
+    d = sw.write_default_dataset(tmp_path, seed=0, n_stories=300, n_lessons=300, n_chats=200, n_pairs=200, n_val=50)
 
     def rows(name):
         return [json.loads(line) for line in (d / name).read_text(encoding="utf-8").splitlines()]
 
-    train = {r["text"] for r in rows("stories.jsonl")}
+    pretrain = rows("pretrain.jsonl")
+    assert sum("text" in r for r in pretrain) == sum("conversations" in r for r in pretrain) == 300
+    train = {r["text"] if "text" in r else _first_story(r) for r in pretrain}
     train |= {_first_story(r) for r in rows("sft_train.jsonl")}
     train |= {_story_of(r["prompt"]) for r in rows("dpo_train.jsonl")}
     val_chats, val_pairs = rows("sft_val.jsonl"), rows("dpo_val.jsonl")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -9,9 +10,11 @@ import pytest
 import torch
 
 import checkpoint
+import plan
 from configs import ModelConfig, TrainConfig, parse_train_args
 from model import GPT
-from tests.helpers import TINY_MODEL, crash_during_step, make_trainer
+from tests.helpers import TINY_MODEL, crash_during_step, during_step, make_trainer
+from trainers import Stopped
 
 DROPOUT = {"dropout": 0.1}  # so that resuming must restore the RNG too
 
@@ -49,12 +52,31 @@ def test_interrupted_run_resumes_to_the_same_loss(data_dir, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_keyboard_interrupt_saves_a_resumable_checkpoint(data_dir, tmp_path):
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(data_dir, tmp_path):
+    expected = make_trainer(data_dir, tmp_path / "whole", DROPOUT).train()["val_loss"]
     trainer = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT)
-    crash_during_step(trainer, 5, KeyboardInterrupt())  # Ctrl-C during step 5
-    with pytest.raises(KeyboardInterrupt):
+    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN in a background job
+    during_step(trainer, 5, lambda: os.kill(os.getpid(), signal.SIGINT))  # Ctrl-C in the middle of step 5
+    with pytest.raises(Stopped, match="SIGINT"):
         trainer.train()
-    assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 5
+    assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 6  # step 5 was finished, then saved
+    assert signal.getsignal(signal.SIGINT) is before  # put back after training
+    resumed = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT, resume=True)
+    assert resumed.train()["val_loss"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(data_dir, tmp_path):
+    trainer = make_trainer(data_dir, tmp_path / "ckpt", DROPOUT)
+
+    def press_twice():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    during_step(trainer, 10, press_twice)  # after the checkpoint of step 8
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        trainer.train()
+    assert not isinstance(stopped.value, Stopped)
+    assert checkpoint.load_train_state(tmp_path / "ckpt")["step"] == 8
 
 
 def test_crash_while_saving_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypatch, tokenizer):
@@ -208,5 +230,14 @@ def test_grad_scaler_calibration_is_not_counted_as_divergence(data_dir, tmp_path
     nan_loss = make_trainer(data_dir, tmp_path / "nan", max_steps=4)
     nan_loss.scaler = torch.amp.GradScaler("cpu")
     nan_loss.compute_loss = lambda model, batch: (compute_loss(model, batch)[0] * float("nan"), {})
-    with pytest.raises(RuntimeError, match="10 non-finite steps in a row"):
+    with pytest.raises(FloatingPointError, match="10 non-finite steps in a row"):
         nan_loss.train()
+
+
+def test_the_budget_sets_the_steps_from_tokens_or_the_device_plan(data_dir, tmp_path, monkeypatch):
+    """--max_tokens gives max_tokens / (batch_size * seq_len) steps; --max_steps alone is kept; with no budget at
+    all the device's plan (plan.py) gives it."""
+    assert make_trainer(data_dir, tmp_path / "a", max_steps=0, max_tokens=4 * 32 * 10 + 1).cfg.max_steps == 11
+    monkeypatch.setitem(plan.PLANS, "cpu", plan.Plan("tiny", {"pretrain": {"max_tokens": 4 * 32 * 7}}, "test"))
+    assert make_trainer(data_dir, tmp_path / "b", max_steps=0).cfg.max_steps == 7
+    assert make_trainer(data_dir, tmp_path / "c", max_steps=3).cfg.max_steps == 3
