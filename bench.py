@@ -13,6 +13,8 @@ For the preset and batch shape given, it times training steps (forward, backward
   dpo_pre    the same with precomputed reference log-probabilities (no reference forward)
 and generation at --gen_batch_size: prefill and KV-cache decode tokens/s with `GPT.generate` against HF
 `generate` (greedy), beside the floor of decoding: the bare weight matrix-vector products of one token.
+--quantize int8,nf4,fp16,bf16 adds copies of our model with their weights quantised (quant.py), decoding in the
+same rounds as the float model and the floor, so that their speed-up is measured against it directly.
 HF's LlamaForCausalLM (for --checkpoint, the model's own transformers class), built from our weights with
 `hf.to_transformers`, runs at the same shape in the same process, interleaved step by step (who goes first
 alternates) so that machine noise hits both. Warm-up steps are not counted; the median of the timed steps is
@@ -41,6 +43,7 @@ from flops import device_peak_tflops, train_flops_per_token
 from hf import load_config, to_transformers
 from loss import DPOLoss, lm_loss, sequence_logps
 from model import GPT
+from quant import INFERENCE_HEAD, SCHEMES, linear_weight_bytes, quantize_model
 
 PARTS = ("pretrain", "sft", "dpo", "dpo_pre", "generate")
 
@@ -67,15 +70,23 @@ class BenchConfig:
     gen_batch_size: int = option("rows generated at once", default=1)
     prompt_len: int = option("prompt tokens for generation", default=64)
     new_tokens: int = option("tokens generated after the prompt", default=64)
+    quantize: str = option(f"generation: also decode with copies of our model quantised in these comma-separated "
+                           f"schemes ({', '.join(SCHEMES)}; the output head too, in 16 bits), in the same rounds as "
+                           "the float model; '' = none", default="")
     peak_tflops: float = option("the device's peak TFLOPS for MFU; 0 = GPU table, else a measured matmul",
                                 default=0.0)
     out: str = option("where the JSON results go", default="bench.json")
+
+    def schemes(self) -> list[str]:
+        """The schemes of --quantize."""
+        return [s.strip() for s in self.quantize.split(",") if s.strip()]
 
     def __post_init__(self):
         parts = {p.strip() for p in self.parts.split(",") if p.strip()}
         check_options(self, [
             ("preset", self.preset in PRESETS, f"must be one of {', '.join(PRESETS)}"), *device_rules(self),
             ("parts", parts and parts <= set(PARTS), f"must be comma-separated names of {', '.join(PARTS)}"),
+            ("quantize", set(self.schemes()) <= set(SCHEMES), f"must be comma-separated names of {', '.join(SCHEMES)}"),
             *((name, getattr(self, name) >= 1, "must be >= 1") for name in (
                 "vocab_size", "batch_size", "seq_len", "steps", "gen_batch_size", "prompt_len", "new_tokens")),
             *((name, getattr(self, name) >= 0, "must be >= 0") for name in ("warmup", "peak_tflops"))])
@@ -265,39 +276,41 @@ def bench_generate(runners: dict[str, Runner], cfg: BenchConfig, device, dtype) 
     for r in runners.values():
         r.model.eval().to(dtype)  # inference runs in the benchmark dtype itself
         r.optimizer = r.reference = None
-    if pick_compile(cfg.compile, device) and runners["ours"].model.compile_decoding():
-        print("ours decodes with a compiled step (GPT.compile_decoding)")
+    floors = {fused: matvec_pass(runners["ours"].model, cfg.gen_batch_size, device, fused) for fused in (False, True)}
+    # Ours, and ours quantised in each scheme of --quantize (the floor stays the float model's).
+    models = {"ours": runners["ours"].model}
+    for scheme in cfg.schemes():
+        models[f"ours_{scheme}"] = quantize_model(copy.deepcopy(models["ours"]), scheme, head=INFERENCE_HEAD[scheme])
+    if pick_compile(cfg.compile, device):
+        for name, model in models.items():
+            if model.compile_decoding():
+                print(f"{name} decodes with a compiled step (GPT.compile_decoding)")
+    # generate = one prefill (which yields the first token) + n - 1 single-token steps
+    prefills = {k: (lambda m=m: m(prompt, cache=m.new_kv_cache(prompt.shape[0], cfg.prompt_len)))
+                for k, m in models.items()}
+    generations = {k: (lambda m=m: m.generate(prompt, n, temperature=0)) for k, m in models.items()}
     if "hf" in runners:
-        gc = runners["hf"].model.generation_config
-        gc.eos_token_id, gc.pad_token_id = None, 0
-
-    def prefill(r):
-        if r.name == "ours":
-            return lambda: r.model(prompt, cache=r.model.new_kv_cache(prompt.shape[0], cfg.prompt_len))
-        return lambda: r.model(input_ids=prompt, use_cache=True)
-
-    def generate(r):
-        if r.name == "ours":
-            return lambda: r.model.generate(prompt, n, temperature=0)
-        mask = torch.ones_like(prompt)
-        return lambda: r.model.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
-                                        do_sample=False)
+        hf = runners["hf"].model
+        hf.generation_config.eos_token_id, hf.generation_config.pad_token_id = None, 0
+        prefills["hf"] = lambda: hf(input_ids=prompt, use_cache=True)
+        generations["hf"] = lambda: hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                                min_new_tokens=n, do_sample=False)
 
     def floor(fused):
-        run = matvec_pass(runners["ours"].model, cfg.gen_batch_size, device, fused)
-        return lambda: [run() for _ in range(n - 1)]
+        return lambda: [floors[fused]() for _ in range(n - 1)]
 
-    t_prefill = interleaved({k: prefill(r) for k, r in runners.items()}, cfg.warmup, cfg.steps, device)
+    t_prefill = interleaved(prefills, cfg.warmup, cfg.steps, device)
     # The floor runs in the same rounds as generation, so that machine noise hits all of them alike.
-    t_gen = interleaved({**{k: generate(r) for k, r in runners.items()},
-                         "floor_tok_s": floor(False), "floor_fused_tok_s": floor(True)}, 1, max(3, cfg.steps // 2),
-                        device)
-    results = {}
-    for k in runners:
-        # generate = one prefill (which yields the first token) + n - 1 single-token steps
-        results[k] = {"prefill_tok_s": prompt.numel() / t_prefill[k],
-                      "decode_tok_s": cfg.gen_batch_size * (n - 1) / max(t_gen[k] - t_prefill[k], 1e-9)}
+    t_gen = interleaved({**generations, "floor_tok_s": floor(False), "floor_fused_tok_s": floor(True)}, 1,
+                        max(3, cfg.steps // 2), device)
+    results = {k: {"prefill_tok_s": prompt.numel() / t_prefill[k],
+                   "decode_tok_s": cfg.gen_batch_size * (n - 1) / max(t_gen[k] - t_prefill[k], 1e-9)}
+               for k in generations}
     results["floor"] = {k: cfg.gen_batch_size * (n - 1) / t_gen[k] for k in ("floor_tok_s", "floor_fused_tok_s")}
+    for k, model in models.items():
+        results[k].update(quantize=k.removeprefix("ours_") if k != "ours" else dtype_name(dtype),
+                          weight_bytes_per_token=linear_weight_bytes(model),
+                          decode_vs_ours=results[k]["decode_tok_s"] / results["ours"]["decode_tok_s"])
     return results
 
 
@@ -373,6 +386,11 @@ def print_table(report: dict):
         # ours' decode speed as a share of the bare matrix-vector floor
         rows.append(("matvec floor", f"{f['floor_tok_s']:.0f}", f"fused {f['floor_fused_tok_s']:.0f}",
                      f"ours {gen['ours']['decode_tok_s'] / f['floor_tok_s']:.0%}", "", "", "", ""))
+        for k in (k for k in gen if k.startswith("ours")):  # decode of ours in each precision against float
+            g = gen[k]
+            rows.append((f"{g['quantize']} decode", f"{g['decode_tok_s']:.0f}", f"{g['decode_vs_ours']:.2f}x",
+                         f"floor {g['decode_tok_s'] / f['floor_tok_s']:.0%}",
+                         f"{g['weight_bytes_per_token'] / 1e6:.1f} MB/token", "", "", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))

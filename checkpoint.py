@@ -1,7 +1,8 @@
 """Self-contained, atomically written checkpoints.
 
 A checkpoint is a directory (e.g. checkpoint/pretrain/) holding:
-  model.safetensors   the weights (safetensors: loading never unpickles code)
+  model.safetensors   the weights (safetensors: loading never unpickles code; a quantised model records its
+                      scheme in the file's metadata, quant.save_quantized)
   value_head.safetensors  only for a model with a value head (a reward model, a PPO policy and its critic)
   config.json         the ModelConfig
   run.json            stage, step, the checkpoint it started from, the training config
@@ -31,6 +32,7 @@ from configs import ModelConfig
 from fileio import write_json
 
 WEIGHTS = "model.safetensors"
+QUANTIZATION_KEY = "quantization"  # model.safetensors' metadata entry naming a quantised model's scheme (quant.py)
 VALUE_HEAD = "value_head.safetensors"
 
 
@@ -74,10 +76,12 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: dict | None = None,
                     extra_files: dict[str, dict[str, torch.Tensor]] | None = None,
-                    extra_json: dict[str, dict] | None = None, save_weights: bool = True) -> Path:
+                    extra_json: dict[str, dict] | None = None, save_weights: bool = True,
+                    weights_metadata: dict[str, str] | None = None) -> Path:
     """Atomically (re)write the checkpoint directory. extra_files maps file names to tensors to save,
     extra_json file names to JSON objects; save_weights=False leaves out model.safetensors (adapter-only
-    checkpoints, whose tensors are in extra_files)."""
+    checkpoints, whose tensors are in extra_files); weights_metadata goes into model.safetensors' header
+    (a quantised model's scheme)."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     if directory.parent.name:  # saving best/: its enclosing checkpoint first, if a crash left it part-way
@@ -91,7 +95,7 @@ def save_checkpoint(directory, model, tokenizer, run_info: dict, train_state: di
     try:
         tmp.mkdir()
         if save_weights:
-            save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt"})
+            save_file(model_state(model), tmp / WEIGHTS, metadata={"format": "pt", **(weights_metadata or {})})
         if getattr(model, "value_head", None) is not None:  # adapter-only checkpoints keep their trained head too
             head = {k: v.detach().contiguous().cpu() for k, v in model.value_head.state_dict().items()}
             save_file(head, tmp / VALUE_HEAD, metadata={"format": "pt"})
@@ -155,6 +159,19 @@ def read_tensors(path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: cannot read weights ({e})") from None
 
 
+def saved_quantization(directory) -> dict | None:
+    """The quantisation recorded in a checkpoint's model.safetensors by quant.save_quantized, or None (floats)."""
+    path = _checked_dir(directory) / WEIGHTS
+    if not path.exists():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            recorded = (f.metadata() or {}).get(QUANTIZATION_KEY)
+    except Exception as e:  # safetensors raises several error types for a damaged file
+        raise ValueError(f"{path}: cannot read weights ({e})") from None
+    return json.loads(recorded) if recorded else None
+
+
 def check_state_matches(model_state: dict, loaded: dict, source: str) -> None:
     """Raise one line naming the file if any weight is missing, unexpected or of another shape.
 
@@ -177,9 +194,10 @@ def load_weights(model: torch.nn.Module, directory, device="cpu") -> None:
     """Load model.safetensors into model, checking that every weight is found and matches."""
     path = _checked_dir(directory) / WEIGHTS
     loaded = read_tensors(path)
-    if model.config.tie_embeddings and "embed.weight" in loaded:
+    state = model.state_dict()
+    if "lm_head.weight" in state and model.config.tie_embeddings and "embed.weight" in loaded:
         loaded.setdefault("lm_head.weight", loaded["embed.weight"])  # saved once, shared by both
-    check_state_matches(model.state_dict(), loaded, str(path))
+    check_state_matches(state, loaded, str(path))
     model.load_state_dict(loaded, strict=True)
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 DEFAULT_DATA_DIR = "data/storyworld"  # the embedded data set, generated on first use (prepare.data_path)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every block projection
+QUANT_SCHEMES = ("int8", "nf4", "fp16", "bf16")  # the low-precision weight formats of quant.py
+QUANT_RULE = f"must be one of {', '.join(QUANT_SCHEMES)} (or '' for full precision)"
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -38,14 +40,16 @@ def check_options(cfg, rules: list[tuple[str, bool, str]]) -> None:
 
 
 def device_rules(cfg) -> list[tuple[str, bool, str]]:
-    """The rules of the device and dtype options (and compile, where a config has it) that training, the demo,
-    the server, the evaluations and the benchmark share. Whether the device exists on this machine is checked
-    when it is picked (devices.pick_device)."""
+    """The rules of the device and dtype options (and compile and quantize, where a config has them) that
+    training, the demo, the server, the evaluations and the benchmark share. Whether the device exists on this
+    machine is checked when it is picked (devices.pick_device)."""
     rules = [("device", re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", cfg.device) is not None,
               "must be auto, cpu, mps, cuda or cuda:N"),
              ("dtype", cfg.dtype in DTYPES, f"must be one of {', '.join(DTYPES)}")]
     if hasattr(cfg, "compile"):
         rules.append(("compile", cfg.compile in ("auto", "true", "false"), "must be auto, true or false"))
+    if isinstance(cfg, QuantizeOption):
+        rules.append(("quantize", cfg.quantize in ("", *QUANT_SCHEMES), QUANT_RULE))
     return rules
 
 
@@ -431,7 +435,18 @@ class SFTConfig(ChatDataOptions, FineTuneOptions, TrainConfig):
 
 
 @dataclass
-class LoRAOptions:
+class QuantizeOption:
+    """--quantize, said once for everything that loads a model to train adapters on or to run (quant.py); mixed
+    into LoRAOptions and the configs of demo.py, serve.py and eval.py, and checked with device_rules."""
+
+    quantize: str = option(f"hold the linear layers' weights in low precision: {', '.join(QUANT_SCHEMES)} (quant.py); "
+                           "'' = as saved. With LoRA: the frozen base (QLoRA; the adapters stay in the compute "
+                           "dtype, the output head in full precision); for inference: every linear layer, the "
+                           "head in 16 bits (int8 decodes fastest on a CPU)", default="")
+
+
+@dataclass
+class LoRAOptions(QuantizeOption):
     """The adapter options of the stages that can train through LoRA (lora.py); mixed into their configs."""
 
     lora_r: int = option("adapter rank r", default=8)
@@ -466,6 +481,11 @@ class OptionalLoRA(LoRAOptions):
     lora: bool = option("train LoRA adapters (the lora_* options) on the frozen starting model; the reference is "
                         "the same network with the adapters off, so no second copy is held. Adapters take a "
                         "higher --lr than full fine-tuning", default=False)
+
+    def validate(self):  # mixed in before TrainConfig, whose validate() comes first
+        super().validate()
+        check_options(self, [("quantize", not self.quantize or self.lora,
+                              "holds the frozen base of LoRA adapters quantised, so it needs --lora")])
 
 
 @dataclass
@@ -504,6 +524,17 @@ class DPOConfig(PreferenceOptions, AlignOptions, FineTuneOptions, TrainConfig):
                                     default=0.0)
     precompute_ref: bool = option("compute the reference log-probabilities once, then free the reference model",
                                   default=False)
+    reference_quant: str = option(f"hold the frozen reference model's linear weights in low precision: "
+                                  f"{', '.join(QUANT_SCHEMES)} (quant.py); '' = as the policy", default="")
+
+    def validate(self):
+        super().validate()
+        check_options(self, [
+            ("reference_quant", self.reference_quant in ("", *QUANT_SCHEMES), QUANT_RULE),
+            ("reference_quant", not (self.reference_quant and self.lora), "does not apply with --lora (the reference "
+             "is the policy's frozen base, which --quantize holds quantised)"),
+            ("reference_quant", not (self.reference_quant and self.precompute_ref), "does not apply with "
+             "--precompute_ref (the policy itself computes the reference's log-probabilities, and none is kept)")])
 
 
 @dataclass

@@ -3,6 +3,7 @@
     python demo.py                                  # the newest run under checkpoint/ (its best model)
     python demo.py --checkpoint checkpoint/sft --top_p 0.95 --system "You tell stories to children."
     python demo.py --prompt "Who is Lily?"          # answer one prompt and exit (for scripts)
+    python demo.py --quantize int8                  # int8 weights: faster replies on a CPU (quant.py)
 
 A chat checkpoint (sft, dpo, lora) runs as a multi-turn chat through the ChatML template. A pretraining
 checkpoint has never seen the template, so it continues the text you type instead (--mode overrides).
@@ -22,7 +23,16 @@ from pathlib import Path
 
 import torch
 
-from configs import PRESETS, ModelConfig, check_options, device_rules, exit_on_bad_input, option, parse_args
+from configs import (
+    PRESETS,
+    ModelConfig,
+    QuantizeOption,
+    check_options,
+    device_rules,
+    exit_on_bad_input,
+    option,
+    parse_args,
+)
 from devices import pick_compile, pick_device, pick_dtype
 from fileio import writable_dir
 from pretrained import find_checkpoint, load_checkpoint
@@ -32,7 +42,7 @@ HELP = "commands: /reset forgets the conversation, /help shows this, exit or qui
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(QuantizeOption):
     checkpoint: str | None = option("checkpoint directory; None = the newest run under checkpoint/ (its best/ if it "
                                     "kept one)", default=None)
     model_type: str | None = option(f"a preset name ({', '.join(PRESETS)}), only checked against the checkpoint: "
@@ -187,7 +197,7 @@ class Demo:
         self.device = pick_device(cfg.device)
         compile_decoding = pick_compile(cfg.compile, self.device)  # checks --compile before the checkpoint loads
         self.checkpoint = found = find_checkpoint(cfg.checkpoint, log=info)
-        model, self.tokenizer, self.stage = load_checkpoint(found, self.device, log=info)
+        model, self.tokenizer, self.stage = load_checkpoint(found, self.device, log=info, quantize=cfg.quantize)
         if cfg.model_type is not None:
             check_model_type(cfg.model_type, model.config, found)
         self.model = model.to(self.device, pick_dtype(cfg.dtype, self.device)).eval()

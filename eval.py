@@ -21,14 +21,14 @@ Several checkpoints give one comparison table (a column each); --out writes the 
 import sys
 from dataclasses import dataclass
 
-from configs import check_options, device_rules, option, parse_args
+from configs import QuantizeOption, check_options, device_rules, option, parse_args
 from devices import pick_device, pick_dtype
 from evals import DEFAULT_DATA, TASKS, TaskOptions, evaluate_task, write_results
 from pretrained import load_checkpoint
 
 
 @dataclass
-class EvalConfig(TaskOptions):
+class EvalConfig(QuantizeOption, TaskOptions):
     checkpoint: list[str] = option("checkpoint directories (full or LoRA) to evaluate", default_factory=list)
     task: str = option(f"what to measure: {', '.join(TASKS)}", default="")
     out: str = option("also write the results to this JSON file: a list of {checkpoint, task, data, metrics...}",
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         dtype = pick_dtype(cfg.dtype, device)
         results = []
         for directory in cfg.checkpoint:
-            model, tokenizer, stage = load_checkpoint(directory, device)
+            model, tokenizer, stage = load_checkpoint(directory, device, quantize=cfg.quantize)
             model.to(device, dtype).eval()
             info(f"{directory} (stage {stage or 'unknown'}): {cfg.task} on {data}")
             metrics, _ = evaluate_task(model, tokenizer, cfg.task, cfg, stage, progress=True)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from checkpoint import check_state_matches, load_run_info, read_tensors, save_checkpoint
 from configs import LORA_TARGETS
 from model import GPT
+from quant import QuantLinear, dequantize_model, quantization_of, quantize_model
 from tokenizer import Tokenizer
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -27,9 +28,14 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 
 class LoRALinear(nn.Module):
-    """base(x) + scaling * B(A(dropout(x))) around a frozen nn.Linear (peft's layout: lora_A, lora_B)."""
+    """base(x) + scaling * B(A(dropout(x))) around a frozen nn.Linear (peft's layout: lora_A, lora_B).
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False):
+    The base may be a quant.QuantLinear (QLoRA: a frozen NF4 base, adapters in the dtype it was quantised from).
+    Such a base cannot take the update into its low-precision weight: merge_and_unload dequantises it first.
+    """
+
+    def __init__(self, base: nn.Linear | QuantLinear, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be at least 1, got {r}")
@@ -37,9 +43,10 @@ class LoRALinear(nn.Module):
         self.r, self.alpha = r, alpha
         # rsLoRA (Kalajdzievski 2023): alpha / sqrt(r) keeps the update's size stable as r grows.
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
+        device, dtype = (base.qweight.device, base.dtype) if isinstance(base, QuantLinear) else (
+            base.weight.device, base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's (and peft's) init
         self.dropout = nn.Dropout(dropout)
         self.merged = False  # the update is folded into base.weight
@@ -56,6 +63,9 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
+        if isinstance(self.base, QuantLinear):
+            raise ValueError(f"cannot merge LoRA adapters into a {self.base.scheme}-quantised weight in place; "
+                             "merge_and_unload dequantises the base first")
         if not self.merged:
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
@@ -74,9 +84,10 @@ def lora_layers(model: nn.Module) -> list[LoRALinear]:
     return [m for m in model.modules() if isinstance(m, LoRALinear)]
 
 
-def apply_lora(model: nn.Module, targets=LORA_TARGETS, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+def apply_lora(model: GPT, targets=LORA_TARGETS, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
                use_rslora: bool = False) -> dict[str, int]:
-    """Wrap every nn.Linear named in targets (its name, or its name's last part) and freeze all else.
+    """Wrap every nn.Linear (or quantised QuantLinear) named in targets (its name, or its name's last part) and
+    freeze all else.
 
     Returns {"wrapped", "trainable", "total"} counts (parameters, a tied embedding counted once).
     """
@@ -84,7 +95,7 @@ def apply_lora(model: nn.Module, targets=LORA_TARGETS, r: int = 8, alpha: float 
     found = {t: 0 for t in targets}
     for name, module in list(model.named_modules()):
         matches = [t for t in targets if name == t or name.endswith("." + t)]
-        if not matches or not isinstance(module, nn.Linear):
+        if not matches or not isinstance(module, (nn.Linear, QuantLinear)):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
@@ -100,7 +111,7 @@ def apply_lora(model: nn.Module, targets=LORA_TARGETS, r: int = 8, alpha: float 
         p.requires_grad = ".lora_" in f".{name}"
     return {"wrapped": len(lora_layers(model)),
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total": sum(p.numel() for p in model.parameters())}
+            "total": model.num_params()}
 
 
 @contextmanager
@@ -125,7 +136,9 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold the adapters into the weights and put the plain nn.Linear layers back (in place)."""
+    """Fold the adapters into the weights and put the plain nn.Linear layers back (in place). Quantised layers
+    (QLoRA) are dequantised first, so the result is a plain float model."""
+    dequantize_model(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
             module.merge()
@@ -139,9 +152,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- adapter checkpoints
 def save_lora_checkpoint(directory, model: GPT, tokenizer: Tokenizer, base_dir, lora_config: dict, run_info: dict,
                          train_state: dict | None = None) -> Path:
-    """Atomically write an adapter-only checkpoint: adapters, their config (with the base), run info."""
+    """Atomically write an adapter-only checkpoint: adapters, their config (with the base, and how the base was
+    quantised, QLoRA, or None), run info."""
     base_dir = Path(base_dir)
-    config = {**lora_config, "base_checkpoint": str(base_dir), "base_step": load_run_info(base_dir).get("step")}
+    config = {**lora_config, "base_checkpoint": str(base_dir), "base_step": load_run_info(base_dir).get("step"),
+              "quantization": quantization_of(model)}
     return save_checkpoint(directory, model, tokenizer, run_info, train_state,
                            extra_files={ADAPTER_WEIGHTS: adapter_state(model)},
                            extra_json={ADAPTER_CONFIG: config}, save_weights=False)
@@ -187,10 +202,14 @@ def load_adapters(model: nn.Module, directory) -> None:
 
 
 def load_lora_checkpoint(directory, device="cpu") -> tuple[GPT, Tokenizer]:
-    """The base model of an adapter checkpoint with its adapters applied (unmerged, in eval mode)."""
+    """The base model of an adapter checkpoint with its adapters applied (unmerged, in eval mode). Adapters trained
+    on a quantised base (QLoRA: "quantization" in the adapter config) get the base quantised the same way again."""
     config = read_adapter_config(directory)
     base = check_base(config, directory)
     model = GPT.from_pretrained(base)
+    recorded = config.get("quantization")
+    if recorded and quantization_of(model) is None:  # else the base checkpoint was saved quantised
+        quantize_model(model, recorded["scheme"], recorded["head"], recorded["double_quant"], recorded["block_size"])
     apply_lora(model, config["targets"], config["r"], config["alpha"], config.get("dropout", 0.0),
                config.get("use_rslora", False))
     load_adapters(model, directory)

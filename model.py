@@ -14,8 +14,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import quant
 from attention import Attention, KVCache, build_attention_mask, position_mask, precompute_rope
-from checkpoint import check_state_matches, load_weights
+from checkpoint import WEIGHTS, check_state_matches, load_weights, saved_quantization
 from configs import ModelConfig, padded_vocab_size
 from devices import EagerFallback
 from hf import config_from_hf, is_hf_model, load_config, ours_from_hf, read_hf_weights, resolve
@@ -94,8 +95,10 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def num_params(self) -> int:
-        """Parameter count (a tied embedding counted once)."""
-        return sum(p.numel() for p in self.parameters())
+        """Parameter count (a tied embedding counted once; a quantised layer's weights, frozen buffers, count too)."""
+        quantised = sum(m.num_weights() for name, m in self.named_modules() if isinstance(m, quant.QuantLinear)
+                        and not (name == "lm_head" and self.config.tie_embeddings))  # a copy of the embedding
+        return sum(p.numel() for p in self.parameters()) + quantised
 
     def num_active_params(self) -> int:
         """Parameters used per token: with MoE, the routed experts a token does not visit are left out."""
@@ -265,17 +268,26 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------------- checkpoints
     @classmethod
-    def from_pretrained(cls, path, device="cpu", overrides: dict | None = None) -> "GPT":
+    def from_pretrained(cls, path, device="cpu", overrides: dict | None = None,
+                        quantize: str | None = None) -> "GPT":
         """Load our checkpoint directory (config.json + model.safetensors), a Hugging Face model directory or
         hf:ORG/NAME (downloaded with huggingface_hub), every weight checked by name and shape. overrides:
-        model fields to change on the way (e.g. dropout)."""
+        model fields to change on the way (e.g. dropout).
+
+        quantize (quant.SCHEMES: int8, nf4, fp16, bf16) quantises it for inference: every linear layer, the output
+        head in 16 bits (quant.INFERENCE_HEAD; the embedding stays float). A checkpoint saved quantised
+        (quant.save_quantized) loads in the scheme it was saved in; asking for another is refused.
+        """
         directory = resolve(path)
         model = cls(dataclasses.replace(load_config(directory), **(overrides or {})))
+        saved = None if is_hf_model(directory) else saved_quantization(directory)
+        if saved:  # the quantised layers must exist before their packed weights load into them
+            quant.quantize_model(model, saved["scheme"], saved["head"], saved["double_quant"], saved["block_size"])
         if is_hf_model(directory):
             model._load_hf_state(read_hf_weights(directory), str(directory))
         else:
             load_weights(model, directory)
-        return model.to(device)
+        return quant.quantize_as(model, quantize, directory / WEIGHTS).to(device)
 
     @classmethod
     def from_transformers(cls, hf_model) -> "GPT":

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 import lora
-from checkpoint import best_checkpoint, latest_checkpoint, load_run_info
+from checkpoint import WEIGHTS, best_checkpoint, latest_checkpoint, load_run_info
 from hf import is_hf_model, resolve
 from model import GPT
+from quant import quantize_as
 from tokenizer import HFTokenizer, Tokenizer, read_chat_template
 
 TRAIN_FIRST = "python train_pretrain.py (then python train_sft.py for a chat model)"
@@ -96,9 +97,12 @@ def find_checkpoint(checkpoint: str | None, log=print) -> Path:
     return found
 
 
-def load_checkpoint(directory, device="cpu", log=print) -> tuple[GPT, Tokenizer, str | None]:
+def load_checkpoint(directory, device="cpu", log=print,
+                    quantize: str | None = None) -> tuple[GPT, Tokenizer, str | None]:
     """(model, tokenizer, the stage that trained it) of a checkpoint, a LoRA adapter directory, a Hugging Face
-    model directory or hf:ORG/NAME."""
+    model directory or hf:ORG/NAME. quantize (int8, nf4, fp16, bf16) holds its linear layers quantised for
+    inference, the output head too (a LoRA checkpoint: its base, the adapters stay float); a checkpoint saved
+    quantised in another scheme is refused (quant.quantize_as)."""
     directory = resolve(directory)  # hf:ORG/NAME: its downloaded snapshot
     if directory.is_file():
         raise ValueError(f"{directory} is a file; a checkpoint is a directory with config.json, the weights and the "
@@ -111,4 +115,5 @@ def load_checkpoint(directory, device="cpu", log=print) -> tuple[GPT, Tokenizer,
     except (ValueError, FileNotFoundError) as e:  # json.JSONDecodeError is a ValueError
         raise ValueError(f"broken checkpoint: {e}; re-run the training stage that wrote it "
                          f"(e.g. python train_pretrain.py)") from None
-    return model, tokenizer, stage
+    recorded_in = directory / (lora.ADAPTER_CONFIG if lora.is_adapter_dir(directory) else WEIGHTS)
+    return quantize_as(model, quantize, recorded_in), tokenizer, stage

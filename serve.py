@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from configs import check_options, device_rules, exit_on_bad_input, option, parse_args
+from configs import QuantizeOption, check_options, device_rules, exit_on_bad_input, option, parse_args
 from devices import pick_device, pick_dtype
 from engine import Engine, QueueFull, SamplingParams, Sequence
 from pretrained import find_checkpoint, load_checkpoint
@@ -46,7 +46,7 @@ def info(message: str):
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(QuantizeOption):
     checkpoint: str | None = option("checkpoint directory; None = the newest under checkpoint/", default=None)
     host: str = option("address to listen on; 127.0.0.1 = this machine only, 0.0.0.0 = every network",
                        default="127.0.0.1")
@@ -468,7 +468,7 @@ def load_server(cfg: ServeConfig) -> Server:
     """The checkpoint (as demo.py finds and loads it) behind a Server."""
     device = pick_device(cfg.device)
     checkpoint = find_checkpoint(cfg.checkpoint, log=info)
-    model, tokenizer, stage = load_checkpoint(checkpoint, device, log=info)
+    model, tokenizer, stage = load_checkpoint(checkpoint, device, log=info, quantize=cfg.quantize)
     model = model.to(device, pick_dtype(cfg.dtype, device)).eval()
     if stage in ("pretrain", None):
         info(f"note: stage {stage or 'unknown'}: the model has not been trained on the chat template, so "

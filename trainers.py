@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import lora
+import quant
 from checkpoint import (
     best_checkpoint,
     describe,
@@ -761,12 +762,18 @@ class LoRAMixin:
         return True
 
     def build_lora_model(self, base_dir) -> tuple[GPT, Tokenizer]:
-        """Fresh adapters on base_dir; when resuming, out_dir's adapters on their own base with their own
-        settings, whatever the flags say now. The base becomes init_source."""
+        """Fresh adapters on base_dir, its linear layers quantised with --quantize (QLoRA; the output head stays
+        as it is); when resuming, out_dir's adapters on their own base with their own settings and quantisation,
+        whatever the flags say now (another --quantize is refused). The base becomes init_source."""
         cfg = self.cfg
         if cfg.resume:
             config = lora.read_adapter_config(self.out_dir)
             base_dir = lora.check_base(config, self.out_dir)
+            recorded = config.get("quantization")
+            trained_on = recorded["scheme"] if recorded else "float"
+            if cfg.quantize and cfg.quantize != trained_on:
+                raise ValueError(f"{self.out_dir / lora.ADAPTER_CONFIG}: the adapters were trained on a {trained_on} "
+                                 f"base; --resume cannot continue them on a {cfg.quantize} one (leave --quantize out)")
         else:
             config = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": cfg.lora_dropout,
                       "use_rslora": cfg.use_rslora,
@@ -774,6 +781,13 @@ class LoRAMixin:
         self.init_source = str(base_dir)
         self.lora_settings = {k: config[k] for k in ("r", "alpha", "dropout", "use_rslora", "targets")}
         model, tokenizer = self.load_pretrained(self.init_source)
+        if not cfg.resume:  # QLoRA: the output head stays as it is, as in bitsandbytes' and peft's QLoRA
+            quant.quantize_as(model, cfg.quantize, self.init_source, head=False)
+        elif recorded and quant.quantization_of(model) is None:  # else the base was saved quantised, and loaded so
+            quant.quantize_model(model, **recorded)
+        if quant.quantization_of(model):
+            self.log(f"the frozen base is held in {quant.quantization_of(model)['scheme']}: "
+                     f"{quant.linear_weight_bytes(model) / 1e6:.1f} MB of linear weights")
         counts = lora.apply_lora(model, **self.lora_settings)
         if cfg.resume:
             lora.load_adapters(model, self.out_dir)
@@ -904,6 +918,12 @@ class DPOTrainer(PolicyTrainer):
         model, tokenizer = self.build_policy(needs_reference=not precompute_from_policy)
         if precompute_from_policy and not self.uses_lora:
             self.reference = model
+        elif self.reference is not None and self.cfg.reference_quant:
+            # The reference's linear layers held quantised: an untied output head too; a tied one stays shared with
+            # the embedding.
+            quant.quantize_model(self.reference, self.cfg.reference_quant, head=not model.config.tie_embeddings)
+            self.log(f"the reference is held in {self.cfg.reference_quant}: "
+                     f"{quant.linear_weight_bytes(self.reference) / 1e6:.1f} MB of linear weights")
         return model, tokenizer
 
     def build_data(self):

@@ -9,7 +9,7 @@ import torch
 
 import bench
 import flops
-from configs import ModelConfig
+from configs import ModelConfig, get_config
 from model import GPT
 from tests.helpers import TINY_MODEL
 
@@ -64,3 +64,25 @@ def test_cli_writes_json(tmp_path):
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.split()}
     assert rows["pretrain"][1:3] == [f"{train['ours']['tok_s']:.0f}", f"{train['hf']['tok_s']:.0f}"]
     assert rows["decode"][1:3] == [f"{report['generate'][k]['decode_tok_s']:.0f}" for k in ("ours", "hf")]
+
+
+def test_quantized_decoding_reports_its_weight_bytes(tmp_path):
+    cfg = bench.BenchConfig(preset="tiny", vocab_size=320, parts="generate", hf=False, memory=False, warmup=0, steps=1,
+                            new_tokens=4, prompt_len=4, peak_tflops=1, device="cpu", compile="false",
+                            quantize="int8,nf4", out=str(tmp_path / "b.json"))
+    report = bench.main(cfg)["generate"]
+    float_matrices = bench.weight_matrices(GPT(get_config("tiny", vocab_size=320)), fused=False)
+    assert report["ours"]["weight_bytes_per_token"] == sum(4 * w.numel() for w in float_matrices)
+    *body, head = float_matrices  # the (tied) output head is quantised too, to float16
+    # int8: a byte a weight and a float32 scale a row
+    assert report["ours_int8"]["weight_bytes_per_token"] == sum(w.numel() + 4 * w.shape[0] for w in body) + \
+        2 * head.numel()
+    # nf4: half a byte a weight and a float32 absmax per block of 64
+    assert report["ours_nf4"]["weight_bytes_per_token"] == sum(w.numel() // 2 + 4 * w.numel() // 64 for w in body) + \
+        2 * head.numel()
+    for k in ("ours", "ours_int8", "ours_nf4"):
+        assert report[k]["decode_vs_ours"] == pytest.approx(report[k]["decode_tok_s"] / report["ours"]["decode_tok_s"])
+    assert (report["ours"]["quantize"], report["ours_int8"]["quantize"]) == ("float32", "int8")
+    with pytest.raises(ValueError, match="--quantize must be comma-separated names of int8, nf4, fp16, bf16, got "
+                                         "int8,int4"):
+        bench.BenchConfig(quantize="int8,int4")
