@@ -407,9 +407,6 @@ class ChatDataOptions:
     pack: bool = option("pack several chats into each row (attention stays inside each chat) instead of padding",
                         default=False)
     drop_long: bool = option("drop chats longer than seq_len instead of truncating them", default=False)
-    group_by_length: bool = option("batch chats of similar length together (each epoch's shuffled order is sorted by "
-                                   "length within runs of 16 batches): less padding, so a faster epoch",
-                                   default=True)
 
     def validate(self):  # mixed in before TrainConfig, whose validate() comes first
         super().validate()

@@ -368,33 +368,20 @@ class RowSampler:
 
     Item i of rank r is item i * world + r of the stream, which depends only on (seed, i), so the whole
     state is `position` (items drawn) and a resumed run draws exactly what the interrupted run would have.
-    With `lengths` and `group`, each run of `group` items of a permutation is sorted by length, so that the
-    batches cut from it hold rows of similar length (less padding), as Hugging Face's group_by_length does.
     """
 
-    def __init__(self, n_rows: int, seed: int, rank: int = 0, world: int = 1, lengths: np.ndarray | None = None,
-                 group: int = 0):
+    def __init__(self, n_rows: int, seed: int, rank: int = 0, world: int = 1):
         if n_rows == 0:
             raise ValueError("no rows to sample from")
         self.n_rows, self.seed, self.rank, self.world = n_rows, seed, rank, world
-        self.lengths, self.group = lengths, group
         self.position = 0
         self._epoch, self._perm = -1, None
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """The order of the rows in `epoch`: a function of (seed, epoch) alone."""
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
-        if self.lengths is None or self.group <= 1:
-            return perm
-        runs = [run[np.argsort(self.lengths[run], kind="stable")] for run in np.split(
-            perm, range(self.group, self.n_rows, self.group))]
-        return np.concatenate(runs)
 
     def peek(self) -> int:
         """The next index, without drawing it."""
         epoch, i = divmod(self.position * self.world + self.rank, self.n_rows)
         if epoch != self._epoch:
-            self._epoch, self._perm = epoch, self.permutation(epoch)
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
         return int(self._perm[i])
 
     def next(self, n: int) -> list[int]:
@@ -445,11 +432,6 @@ class SFTDataset(RowDataset):
         return (f"{len(self)} chats ({self.n_truncated} truncated to {self.seq_len} tokens, {self.n_dropped} dropped "
                 f"as too long" + (f", {self.n_skipped} malformed rows skipped" if self.n_skipped else "") + ")")
 
-    def sampler(self, seed: int, rank: int = 0, world: int = 1, group: int = 0) -> RowSampler:
-        """The chats in a fresh order every epoch; with group > 1, sorted by length within runs of `group`."""
-        lengths = np.minimum(self.rows.lengths()[self.index] - 1, self.seq_len) if group > 1 else None
-        return RowSampler(len(self), seed, rank, world, lengths, group)
-
     def example(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """input_ids, labels and loss_mask of chat i (shift_chat, cut to seq_len), the mask as token_weights."""
         input_ids, labels, mask = shift_chat(*self.rows.row(int(self.index[i])), self.seq_len)
@@ -458,11 +440,11 @@ class SFTDataset(RowDataset):
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """One chat per row, right-padded: input_ids, labels, loss_mask (B, T).
 
-        T is the longest chat rounded up to a multiple of 16 (fewer distinct shapes for torch.compile).
+        T is the longest chat rounded up to a multiple of 64 (few distinct shapes for torch.compile).
         """
         examples = [self.example(i) for i in indices]
         longest = max(len(e[0]) for e in examples)
-        return pad_right(examples, min(self.seq_len, 16 * -(-longest // 16)), self.pad_id)
+        return pad_right(examples, min(self.seq_len, 64 * -(-longest // 64)), self.pad_id)
 
     def packed_batch(self, sampler: RowSampler, batch_size: int) -> dict[str, torch.Tensor]:
         """batch_size rows of seq_len tokens, each filled with whole chats in sampler order.

@@ -44,7 +44,6 @@ from configs import SFTConfig, TrainConfig, exit_on_bad_input, get_config
 from dataset import (
     PreferenceDataset,
     PretrainDataset,
-    RowSampler,
     SFTDataset,
     TextWindows,
     format_mask,
@@ -682,14 +681,7 @@ class SFTTrainer(Trainer):
 
     def build_data(self):
         self.build_chat_data()
-        self.sampler = self.chat_sampler()
-
-    def chat_sampler(self) -> RowSampler:
-        """The training chats' sampler; with --group_by_length, runs of 16 global batches sorted by length, so
-        each batch (one per rank) holds chats of similar length."""
-        cfg = self.cfg
-        group = 16 * cfg.batch_size * self.world if cfg.group_by_length and not cfg.pack else 0
-        return self.train_data.sampler(cfg.seed, self.rank, self.world, group)
+        self.sampler = self.train_data.sampler(self.cfg.seed, self.rank, self.world)
 
     def build_chat_data(self):
         """train_data and val_data (None with --sft_val_data none) from the chat options, and answer_chats."""
@@ -1017,14 +1009,13 @@ class DistillTrainer(SFTTrainer):
                              f"{self.teacher.config.max_seq_len})")
         if cfg.data == "chats":
             self.build_chat_data()
-            self.sampler = self.chat_sampler()
         else:
             data_dir = data_path(cfg.data_dir)
             self.check_tokenizer(Tokenizer.from_pretrained(data_dir), self.tokenizer, f"the data {data_dir}")
             self.train_data, self.val_data = (TextWindows(data_dir, split, self.seq_len) for split in ("train", "val"))
             self.log(f"{data_dir}: {len(self.train_data)} train and {len(self.val_data)} val windows of "
                      f"{self.seq_len} tokens")
-            self.sampler = self.train_data.sampler(cfg.seed, self.rank, self.world)
+        self.sampler = self.train_data.sampler(cfg.seed, self.rank, self.world)
         self.stored: dict[str, TeacherTopK] = {}
         if cfg.teacher_topk:
             for split, data in (("train", self.train_data), ("val", self.val_data)):
