@@ -440,11 +440,11 @@ class SFTDataset(RowDataset):
     def batch(self, indices) -> dict[str, torch.Tensor]:
         """One chat per row, right-padded: input_ids, labels, loss_mask (B, T).
 
-        T is the longest chat rounded up to a multiple of 64 (few distinct shapes for torch.compile).
+        T is the longest chat rounded up to a multiple of 16 (few distinct shapes for torch.compile).
         """
         examples = [self.example(i) for i in indices]
         longest = max(len(e[0]) for e in examples)
-        return pad_right(examples, min(self.seq_len, 64 * -(-longest // 64)), self.pad_id)
+        return pad_right(examples, min(self.seq_len, 16 * -(-longest // 16)), self.pad_id)
 
     def packed_batch(self, sampler: RowSampler, batch_size: int) -> dict[str, torch.Tensor]:
         """batch_size rows of seq_len tokens, each filled with whole chats in sampler order.

@@ -172,7 +172,7 @@ def test_padded_and_packed_batches_give_the_loss_of_separate_chats(tokenizer, tm
     model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**SFT_MODEL, "max_seq_len": 128})).eval()
     padded = dataset.batch([0, 12, 3])
     longest = max(len(dataset.example(i)[0]) for i in (0, 12, 3))
-    assert padded["input_ids"].shape[1] == 64 * -(-longest // 64)  # rounded up to a multiple of 64
+    assert padded["input_ids"].shape[1] == 16 * -(-longest // 16)  # rounded up to a multiple of 16
     assert (padded["loss_mask"][padded["input_ids"] == tokenizer.pad_id] == 0).all()
     loss = lm_loss(model(padded["input_ids"]), padded["labels"], padded["loss_mask"]).item()
     assert loss == pytest.approx(examples_loss(model, dataset, [0, 12, 3]), rel=1e-5)
