@@ -622,6 +622,9 @@ class GRPOConfig(RolloutConfig):
                             "dr_grpo (sum / (completions x max_completion_length))", default="grpo")
     scale_rewards: str = option("divide the advantages by the std of the rewards of each prompt's group, of the "
                                 "batch, or none", default="group")
+    skip_equal_groups: bool = option("leave the groups whose rewards are all equal out of the training pass: their "
+                                     "advantages are 0, so they cost time and teach nothing (as DAPO's dynamic "
+                                     "sampling); the loss then averages over the groups that remain", default=True)
 
     def validate(self):
         from loss import GRPO_LOSS_TYPES, SCALE_REWARDS  # here, not at the top: configs.py does not import torch

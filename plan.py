@@ -23,8 +23,8 @@ class Plan:
     why: str
 
 
-CPU = Plan("tiny", {"pretrain": {"max_tokens": 1_200_000}, "sft": {"epochs": 1.1}, "lora": {"epochs": 1.0},
-                    "dpo": {"epochs": 0.2}},
+CPU = Plan("tiny", {"pretrain": {"max_tokens": 1_200_000}, "sft": {"epochs": 1.2}, "lora": {"epochs": 1.0},
+                    "dpo": {"epochs": 0.1}},
            "no GPU: the tiny model, with budgets that train all three stages in about 15 minutes on 2 cores")
 PLANS = {
     "cpu": CPU,

@@ -255,13 +255,12 @@ class RolloutTrainer(PolicyTrainer):
             return completion_logps(model, batch, with_values)
 
     def split(self, batch: dict[str, torch.Tensor], stats: dict[str, float]) -> list[dict[str, torch.Tensor]]:
-        """The rollout cut into grad_accum micro-batches of batch_size prompts' completions, each carrying the
-        rollout's statistics (0-dim tensors, logged with the loss)."""
-        rows = self.cfg.batch_size * self.cfg.num_generations
+        """The rollout's rows cut into grad_accum micro-batches (of batch_size prompts' completions when none were
+        left out), each carrying the rollout's statistics (0-dim tensors, logged with the loss)."""
         device = batch["input_ids"].device
         extra = {name: torch.tensor(value, device=device) for name, value in stats.items()}
-        return [{**{k: v[i:i + rows] for k, v in batch.items()}, **extra}
-                for i in range(0, len(batch["input_ids"]), rows)]
+        parts = torch.tensor_split(torch.arange(len(batch["input_ids"]), device=device), self.cfg.grad_accum)
+        return [{**{k: v[rows] for k, v in batch.items()}, **extra} for rows in parts]
 
     @staticmethod
     def logged(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -293,6 +292,8 @@ class GRPOTrainer(RolloutTrainer):
         failed = torch.isnan(rewards)
         batch = {**sample, "completion_mask": sample["completion_mask"] * ~failed[:, None], "advantages": advantages}
         stats["rollout/frac_reward_zero_std"] = no_signal.float().mean().item()
+        if cfg.skip_equal_groups and (~no_signal).sum() >= cfg.grad_accum:  # at least a row per micro-batch
+            batch = {k: v[~no_signal] for k, v in batch.items()}
         batches = self.split(batch, stats)
         for micro in batches:  # the log-probabilities of the policy that sampled, and of the reference
             if cfg.num_iterations > 1:

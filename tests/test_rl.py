@@ -221,6 +221,22 @@ def test_failing_rewards_empty_replies_and_equal_groups_are_counted_never_a_nan_
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_groups_with_equal_rewards_are_left_out_of_training_only_when_asked(rl_setup, skip):
+    trainer = make_rl(GRPOTrainer, rl_setup, skip_equal_groups=skip, grad_accum=2)
+    prompts = [trainer.train_data.prompt(i)[0] for i in range(4)]
+    sample = sample_completions(trainer.model, prompts, 4, 8, trainer.stop_ids, trainer.tokenizer.pad_id)
+    rewards = torch.tensor([1., 1., 1., 1., 0., 1., 0., 0., 0., 0., 0., 0., 1., 0., 1., 0.])  # groups 0 and 2 equal
+    batches = trainer.make_batches(sample, rewards, {})
+    assert len(batches) == 2 and all(b["rollout/frac_reward_zero_std"] == 0.5 for b in batches)
+    rows = torch.cat([b["input_ids"] for b in batches])
+    advantages = torch.cat([b["advantages"] for b in batches])
+    if skip:  # the 8 replies of groups 1 and 3, in order, and no zero advantage among them
+        assert torch.equal(rows, sample["input_ids"][[4, 5, 6, 7, 12, 13, 14, 15]]) and (advantages != 0).all()
+    else:
+        assert torch.equal(rows, sample["input_ids"]) and (advantages == 0).sum() == 8
+
+
 def test_bad_settings_fail_with_one_line(rl_setup):
     for cls, kwargs, message in [(GRPOTrainer, {"num_generations": 1}, "^--num_generations must be >= 2 for GRPO"),
                                  (GRPOTrainer, {"scale_rewards": "global"}, "^--scale_rewards must be one of group"),
