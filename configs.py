@@ -615,7 +615,9 @@ class RolloutConfig(RolloutOptions, AlignOptions, FineTuneOptions, TrainConfig):
 class GRPOConfig(RolloutConfig):
     """Group relative policy optimisation (train_grpo.py): the SFT model rewarded for correct answers."""
 
-    batch_size: int = 4
+    batch_size: int = 8
+    max_steps: int = 300  # about 7 minutes on 2 cores with the tiny model (README)
+    eval_interval: int = 100
     epsilon_high: float | None = option("upper clip of the ratio, 1 + epsilon_high (DAPO's clip-higher); None = "
                                         "epsilon", default=None)
     loss_type: str = option("grpo (mean over each completion, then over completions), bnpo (over all tokens) or "
