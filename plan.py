@@ -25,7 +25,7 @@ class Plan:
 
 CPU = Plan("tiny", {"pretrain": {"max_tokens": 1_200_000}, "sft": {"epochs": 1.2}, "lora": {"epochs": 1.0},
                     "dpo": {"epochs": 0.1}},
-           "no GPU: the tiny model, with budgets that train all three stages in about 15 minutes on 2 cores")
+           "no GPU: the tiny model, with budgets that train all three stages in about 19 minutes on 2 cores")
 PLANS = {
     "cpu": CPU,
     "mps": Plan(CPU.preset, CPU.budgets, "Apple GPU: the CPU plan (a model this small runs no faster on MPS)"),
