@@ -57,12 +57,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # ----------------------------------------------------------------------------- masks
 def build_attention_mask(q_len: int, k_len: int, device, key_padding: torch.Tensor | None = None,
-                         segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                         segment_ids: torch.Tensor | None = None,
+                         branch_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean mask (B or 1, 1, q_len, k_len), True where a query may attend to a key.
 
     Causal: the queries are the last q_len of k_len positions (q_len < k_len when a KV cache holds the
     prefix). key_padding (B, k_len) is 1 for real tokens, 0 for padding. segment_ids (B, q_len == k_len)
-    number the documents packed into one row; attention stays inside a document.
+    number the documents packed into one row; attention stays inside a document. branch_ids (B, q_len == k_len)
+    pack several continuations of one prompt into a row: the prompt is branch 0, then continuation 1, 2, ...
+    one after the other; a continuation sees the prompt and itself, not the continuations before it.
     Every query may always attend to itself, so a padding row never has an all-masked softmax (NaN).
     """
     offset = k_len - q_len
@@ -73,6 +76,9 @@ def build_attention_mask(q_len: int, k_len: int, device, key_padding: torch.Tens
         mask = mask & key_padding.bool()[:, None, None, :]
     if segment_ids is not None:
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    if branch_ids is not None:
+        key_branch = branch_ids[:, None, None, :]
+        mask = mask & ((key_branch == 0) | (key_branch == branch_ids[:, None, :, None]))
     return mask | (k_pos == q_pos)[None, None]
 
 
@@ -150,6 +156,11 @@ class KVCache:
         self.k[layer][:, :, self.pos:end] = k
         self.v[layer][:, :, self.pos:end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def repeat_rows(self, n: int) -> None:
+        """Each row n times over (row b becomes rows b*n .. b*n+n-1): one prompt's cache for n continuations."""
+        self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
+        self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
 
     def rows(self, start: int, stop: int) -> "KVCache":
         """The cache of rows start:stop (sequences) only, sharing this one's storage: writes land here too."""

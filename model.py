@@ -112,15 +112,20 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, logits_to_keep: int = 0, with_values: bool = False):
+                positions: torch.Tensor | None = None, logits_to_keep: int = 0, with_values: bool = False,
+                branch_ids: torch.Tensor | None = None):
         """Logits (B, T, vocab_size) for token ids idx (B, T).
 
         attention_mask (B, T): 1 for real tokens, 0 for padding (only needed where padding comes before
         real tokens, e.g. left-padded prompts). segment_ids (B, T): packed documents, attention stays
-        inside each. cache: a KVCache holding earlier positions; it is advanced by T.
-        positions (B, T), with a cache: each row's own token positions, for rows that are sequences of
-        different lengths (continuous batching, engine.py). Row b is stored at positions[b] and each token
-        sees its row's keys up to its own position; cache.pos is neither used nor advanced.
+        inside each. branch_ids (B, T): a prompt (0) and its continuations (1, 2, ...) packed into one row,
+        each continuation seeing the prompt and itself (attention.build_attention_mask; GRPO's groups, rl.py).
+        cache: a KVCache holding earlier positions; it is advanced by T.
+        positions (B, T): each token's position (RoPE or learned), where it is not its index in the row: packed
+        continuations all start where the prompt ends. With a cache: each row's own token positions, for rows
+        that are sequences of different lengths (continuous batching, engine.py). Row b is stored at
+        positions[b] and each token sees its row's keys up to its own position; cache.pos is neither used nor
+        advanced.
         logits_to_keep: only the logits of the last N positions (0 = all), as in HF transformers: a loss on a
         completion needs only its own positions, and (B, T, vocab) logits are a step's largest tensor.
         with_values: return (logits, values), values (B, T) being the value head's scalar at every position
@@ -128,14 +133,14 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.config.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens is longer than max_seq_len "
-                             f"{self.config.max_seq_len}")
+        length = int(positions.max()) + 1 if positions is not None else start + T
+        if length > self.config.max_seq_len:
+            raise ValueError(f"sequence of {length} tokens is longer than max_seq_len {self.config.max_seq_len}")
         mask = None
-        if attention_mask is not None or segment_ids is not None:
-            mask = build_attention_mask(T, start + T, idx.device, attention_mask, segment_ids)
-        if positions is not None:  # rows at positions of their own (continuous batching)
+        if cache is not None and positions is not None:  # rows at positions of their own (continuous batching)
             mask = position_mask(positions, int(positions.max()) + 1)
+        elif attention_mask is not None or segment_ids is not None or branch_ids is not None:
+            mask = build_attention_mask(T, start + T, idx.device, attention_mask, segment_ids, branch_ids)
         if cache is not None:
             cache.positions = positions
         x = self.embed(idx)
@@ -186,8 +191,8 @@ class GPT(nn.Module):
     def generate_stream(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
                         eos_id: int | list[int] | None = None, generator: torch.Generator | None = None,
-                        attention_mask: torch.Tensor | None = None):
-        """Yield the next tokens (B, 1) one step at a time, with a KV cache.
+                        attention_mask: torch.Tensor | None = None, num_samples: int = 1):
+        """Yield the next tokens (B * num_samples, 1) one step at a time, with a KV cache.
 
         The prompt idx (B, T) is processed once (prefill); each later step feeds only the newest token.
         The model sees at most the last max_seq_len tokens: a longer prompt is cut from the left, and when
@@ -195,6 +200,8 @@ class GPT(nn.Module):
         Stops after max_new_tokens or when every row has produced an eos_id (rows that finished early keep
         receiving eos). The repetition penalty looks at the whole prompt and everything generated.
         attention_mask (B, T) marks the real prompt tokens (0 = padding, for left-padded batches of prompts).
+        num_samples: continuations of each prompt, in rows b * num_samples .. (b + 1) * num_samples - 1; the prompt
+        is processed once and its cache copied to them (GRPO samples a group of replies to each question).
         """
         eos = torch.tensor([eos_id] if isinstance(eos_id, int) else (eos_id or []), dtype=torch.long,
                            device=idx.device)
@@ -212,6 +219,11 @@ class GPT(nn.Module):
             mask = None if seq_mask is None else seq_mask[:, -(cache.pos + step_input.shape[1]):]
             forward = self.decode_step if self.decode_step and step_input.shape[1] == 1 else self
             logits = forward(step_input, attention_mask=mask, cache=cache)[:, -1, :].float()
+            if num_samples > 1 and len(seq) == len(idx):  # after the prefill: num_samples rows for each prompt
+                logits, seq = logits.repeat_interleave(num_samples, 0), seq.repeat_interleave(num_samples, 0)
+                seq_mask = None if seq_mask is None else seq_mask.repeat_interleave(num_samples, 0)
+                finished = finished.repeat_interleave(num_samples, 0)
+                cache.repeat_rows(num_samples)
             logits = apply_repetition_penalty(logits, seq, repetition_penalty)
             token = sample_next(logits, temperature, top_k, top_p, generator)
             if len(eos):
@@ -226,11 +238,13 @@ class GPT(nn.Module):
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0, eos_id: int | list[int] | None = None,
-                 generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """idx (B, T) with up to max_new_tokens sampled tokens appended (temperature 0 = greedy)."""
+                 generator: torch.Generator | None = None, attention_mask: torch.Tensor | None = None,
+                 num_samples: int = 1) -> torch.Tensor:
+        """idx (B, T) with up to max_new_tokens sampled tokens appended (temperature 0 = greedy); with num_samples,
+        (B * num_samples, T + new): each prompt's rows next to each other (generate_stream)."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                                        eos_id, generator, attention_mask))
-        return torch.cat([idx, *new], dim=1)
+                                        eos_id, generator, attention_mask, num_samples))
+        return torch.cat([idx.repeat_interleave(num_samples, 0), *new], dim=1)
 
     def compile_decoding(self, log=print) -> bool:
         """Run generation's one-token steps through torch.compile; False if that failed (decoding stays eager).

@@ -101,34 +101,81 @@ class RewardTrainer(PolicyTrainer):
 def sample_completions(model: GPT, prompts: list[list[int]], num_generations: int, max_new_tokens: int,
                        stop_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int | None = None,
                        top_p: float | None = None) -> dict[str, torch.Tensor]:
-    """num_generations completions of each prompt (token ids), all sampled in one batch by GPT.generate.
+    """num_generations completions of each prompt (token ids), all sampled in one batch by GPT.generate, which
+    reads each prompt once (num_samples).
 
-    Returns input_ids (N, P + C): each left-padded prompt then its completion, the rows of one prompt next to
-    each other; attention_mask (N, P + C): 0 on the padding; completion_mask (N, C): 1 on each completion's tokens
-    up to and including its first stop token (a completion that ran out of room has none).
+    Returns prompt_ids and prompt_mask (P, W): the prompts left-padded to one width W, 0 on the padding;
+    completion_ids (N, C), N = P * num_generations, the completions of one prompt next to each other;
+    completion_mask (N, C): 1 on each completion's tokens up to and including its first stop token (a
+    completion that ran out of room has none).
     """
-    rows = [ids for ids in prompts for _ in range(num_generations)]
-    width = max(len(ids) for ids in rows)
+    width = max(len(ids) for ids in prompts)
     device = next(model.parameters()).device
-    idx = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in rows], device=device)
-    prompt_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in rows], device=device)
+    prompt_ids = torch.tensor([[pad_id] * (width - len(ids)) + ids for ids in prompts], device=device)
+    prompt_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompts], device=device)
     steps = min(max_new_tokens, model.config.max_seq_len - width)
-    out = model.generate(idx, steps, temperature, top_k, top_p, eos_id=stop_ids, attention_mask=prompt_mask)
-    stops = torch.isin(out[:, width:], torch.tensor(stop_ids, device=device)).long()
+    out = model.generate(prompt_ids, steps, temperature, top_k, top_p, eos_id=stop_ids, attention_mask=prompt_mask,
+                         num_samples=num_generations)
+    completion_ids = out[:, width:]
+    stops = torch.isin(completion_ids, torch.tensor(stop_ids, device=device)).long()
     completion_mask = (stops.cumsum(1) - stops == 0).long()  # no stop before this token
-    return {"input_ids": out, "attention_mask": torch.cat([prompt_mask, completion_mask], dim=1),
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
             "completion_mask": completion_mask}
 
 
+def full_rows(sample: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask (N, W + C): each completion after its own copy of its prompt."""
+    group = len(sample["completion_ids"]) // len(sample["prompt_ids"])
+    prompt_ids, prompt_mask = (sample[k].repeat_interleave(group, 0) for k in ("prompt_ids", "prompt_mask"))
+    return (torch.cat([prompt_ids, sample["completion_ids"]], 1),
+            torch.cat([prompt_mask, sample["completion_mask"]], 1))
+
+
+def pack_groups(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rows the policy is trained on: each prompt once, followed by its group's completions, in one row.
+
+    The G completions of a prompt share its tokens instead of each repeating them (a StoryWorld question is ~100
+    tokens, a reply ~8): GPT.forward's branch_ids let each completion see the prompt and itself only, and
+    positions start every completion where the prompt ends, so each completion's log-probabilities are those of
+    the prompt and it alone (tests/test_rl.py). Returns input_ids, attention_mask (key padding), branch_ids
+    and positions, all (P, W + G * C).
+    """
+    prompt_ids, prompt_mask = sample["prompt_ids"], sample["prompt_mask"]
+    (P, W), (N, C) = prompt_ids.shape, sample["completion_ids"].shape
+    G, device = N // P, prompt_ids.device
+    branches = torch.arange(G + 1, device=device).repeat_interleave(torch.tensor([W] + [C] * G, device=device))
+    positions = torch.cat([torch.arange(W, device=device), W + torch.arange(C, device=device).repeat(G)])
+    return {"input_ids": torch.cat([prompt_ids, sample["completion_ids"].reshape(P, G * C)], 1),
+            "attention_mask": torch.cat([prompt_mask, sample["completion_mask"].reshape(P, G * C)], 1),
+            "branch_ids": branches.expand(P, -1), "positions": positions.expand(P, -1)}
+
+
+# A sample's tensors with a row per prompt; the others have a row per completion.
+PROMPT_KEYS = ("prompt_ids", "prompt_mask")
+
+
+def select_groups(sample: dict[str, torch.Tensor], groups: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The prompts numbered in groups and their completions' rows."""
+    size = len(sample["completion_ids"]) // len(sample["prompt_ids"])
+    rows = (groups[:, None] * size + torch.arange(size, device=groups.device)).view(-1)
+    return {k: v[groups] if k in PROMPT_KEYS else v[rows] for k, v in sample.items()}
+
+
 def completion_logps(model: GPT, batch: dict[str, torch.Tensor], with_values: bool = False):
-    """Log-probabilities (B, C) of the completion tokens of sample_completions' rows under model; with_values,
-    also the value head's values (B, C) at the positions that predict them (the states the tokens act from)."""
-    C = batch["completion_mask"].shape[1]
-    out = model(batch["input_ids"][:, :-1], attention_mask=batch["attention_mask"][:, :-1], logits_to_keep=C,
-                with_values=with_values)
+    """Log-probabilities (N, C) of the completion tokens under model, from pack_groups' rows; with_values, also
+    the value head's values (N, C) at the positions that predict them (the states the tokens act from)."""
+    (N, C), G = batch["completion_ids"].shape, len(batch["completion_ids"]) // len(batch["input_ids"])
+    # The logits of the prompt's last token (which predicts every completion's first) and of all completion tokens.
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], branch_ids=batch["branch_ids"],
+                positions=batch["positions"], logits_to_keep=G * C + 1, with_values=with_values)
     logits, values = out if with_values else (out, None)
-    logps = token_logps(logits, batch["input_ids"][:, -C:])
-    return (logps, values[:, -C:].float()) if with_values else logps
+    # Token j of completion g is predicted by its token j - 1, kept at g * C + j, or for j = 0 by the prompt, at 0.
+    j = torch.arange(C, device=logits.device)
+    predictor = torch.where(j == 0, 0, torch.arange(G, device=logits.device)[:, None] * C + j).view(-1)
+    logps = token_logps(logits[:, predictor].reshape(N, C, -1), batch["completion_ids"])
+    if not with_values:
+        return logps
+    return logps, values[:, -(G * C + 1):][:, predictor].reshape(N, C).float()
 
 
 def answer_reward(reply: str, answer: str, ended: bool, correct_reward: float = 1.0,
@@ -212,7 +259,7 @@ class RolloutTrainer(PolicyTrainer):
                            ) -> tuple[torch.Tensor, dict[str, float]]:
         """The reward (N,) of each completion, NaN where a reward failed (raised, or gave NaN or inf), and rollout
         statistics for the log."""
-        completions, mask = sample["input_ids"][:, -sample["completion_mask"].shape[1]:], sample["completion_mask"]
+        completions, mask = sample["completion_ids"], sample["completion_mask"]
         lengths = mask.sum(1)
         rewards, correct, empty, stopped, failures = [], [], [], [], []
         for ids, n, answer in zip(completions.tolist(), lengths.tolist(), answers):
@@ -231,9 +278,10 @@ class RolloutTrainer(PolicyTrainer):
             self.reward_failure_logged = True
         rewards = torch.tensor(rewards, device=mask.device)
         if self.reward_model is not None:
+            input_ids, attention_mask = full_rows(sample)
             with self.autocast():
-                scores = last_token_scores(self.reward_model, sample["input_ids"], sample["attention_mask"],
-                                           sample["input_ids"].shape[1] - mask.shape[1] + lengths - 1)
+                scores = last_token_scores(self.reward_model, input_ids, attention_mask,
+                                           sample["prompt_ids"].shape[1] + lengths - 1)
             rewards = rewards + self.cfg.reward_model_weight * scores
         rewards = rewards.masked_fill(~torch.isfinite(rewards), math.nan)
 
@@ -254,13 +302,21 @@ class RolloutTrainer(PolicyTrainer):
         with self.autocast():
             return completion_logps(model, batch, with_values)
 
-    def split(self, batch: dict[str, torch.Tensor], stats: dict[str, float]) -> list[dict[str, torch.Tensor]]:
-        """The rollout's rows cut into grad_accum micro-batches (of batch_size prompts' completions when none were
-        left out), each carrying the rollout's statistics (0-dim tensors, logged with the loss)."""
-        device = batch["input_ids"].device
+    def split(self, sample: dict[str, torch.Tensor], stats: dict[str, float],
+              groups: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+        """The rollout's prompts (or only those numbered in groups) with their completions, cut into grad_accum
+        micro-batches (of batch_size prompts when none were left out) of pack_groups' rows, each carrying the
+        rollout's statistics (0-dim tensors, logged with the loss)."""
+        device = sample["prompt_ids"].device
         extra = {name: torch.tensor(value, device=device) for name, value in stats.items()}
-        parts = torch.tensor_split(torch.arange(len(batch["input_ids"]), device=device), self.cfg.grad_accum)
-        return [{**{k: v[rows] for k, v in batch.items()}, **extra} for rows in parts]
+        if groups is None:
+            groups = torch.arange(len(sample["prompt_ids"]), device=device)
+        batches = []
+        for part in torch.tensor_split(groups, self.cfg.grad_accum):
+            micro = select_groups(sample, part)
+            batches.append({**pack_groups(micro), **{k: v for k, v in micro.items() if k not in PROMPT_KEYS},
+                            **extra})
+        return batches
 
     @staticmethod
     def logged(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -290,11 +346,11 @@ class GRPOTrainer(RolloutTrainer):
         cfg = self.cfg
         advantages, no_signal = group_advantages(rewards, cfg.num_generations, cfg.scale_rewards)
         failed = torch.isnan(rewards)
-        batch = {**sample, "completion_mask": sample["completion_mask"] * ~failed[:, None], "advantages": advantages}
+        sample = {**sample, "completion_mask": sample["completion_mask"] * ~failed[:, None], "advantages": advantages}
         stats["rollout/frac_reward_zero_std"] = no_signal.float().mean().item()
-        if cfg.skip_equal_groups and (~no_signal).sum() >= cfg.grad_accum:  # at least a row per micro-batch
-            batch = {k: v[~no_signal] for k, v in batch.items()}
-        batches = self.split(batch, stats)
+        with_signal = (~no_signal).view(-1, cfg.num_generations)[:, 0].nonzero().squeeze(1)  # those groups
+        skip = cfg.skip_equal_groups and len(with_signal) >= cfg.grad_accum  # at least a group per micro-batch
+        batches = self.split(sample, stats, with_signal if skip else None)
         for micro in batches:  # the log-probabilities of the policy that sampled, and of the reference
             if cfg.num_iterations > 1:
                 micro["old_logps"] = self.sampling_logps(self.model, micro)
@@ -351,10 +407,9 @@ class PPOTrainer(RolloutTrainer):
         token_rewards[torch.arange(len(last)), last] += torch.nan_to_num(rewards, nan=0.0) * (mask.sum(1) > 0)
         advantages, returns = gae(token_rewards, old_values, mask, cfg.gamma, cfg.lam)
         advantages = whiten(advantages, mask)
-        rows = cfg.batch_size * cfg.num_generations
-        for i, micro in enumerate(batches):
-            part = slice(i * rows, (i + 1) * rows)
-            micro["advantages"], micro["returns"] = advantages[part], returns[part]
+        sizes = [len(micro["completion_ids"]) for micro in batches]
+        for micro, part_advantages, part_returns in zip(batches, advantages.split(sizes), returns.split(sizes)):
+            micro["advantages"], micro["returns"] = part_advantages, part_returns
             micro["rollout/kl"] = kl.sum(1).mean()
             micro["rollout/value_mean"] = masked_mean(old_values, mask)
         return batches

@@ -15,7 +15,15 @@ import checkpoint
 from configs import GRPOConfig, ModelConfig, PPOConfig, RewardConfig
 from dataset import PromptDataset
 from model import GPT
-from rl import GRPOTrainer, PPOTrainer, RewardTrainer, completion_logps, load_reward_model, sample_completions
+from rl import (
+    GRPOTrainer,
+    PPOTrainer,
+    RewardTrainer,
+    completion_logps,
+    load_reward_model,
+    pack_groups,
+    sample_completions,
+)
 from tests.helpers import TINY_MODEL, during_step, make_chats, make_checkpoint, torchrun, write_jsonl
 from trainers import Stopped
 
@@ -75,14 +83,27 @@ def test_completions_are_sampled_in_one_left_padded_batch_as_each_prompt_alone(t
                for text in ("Tom has a ball.", "Mia has a red kite. What is it?")]
     stop = [tokenizer.im_end_id, tokenizer.eot_id]
     sample = sample_completions(model, prompts, 3, 6, stop, tokenizer.pad_id, temperature=0)
-    assert sample["input_ids"].shape[0] == 6 and sample["completion_mask"].shape[1] <= 6
-    width = max(map(len, prompts))
+    assert sample["completion_ids"].shape[0] == 6 and sample["completion_mask"].shape[1] <= 6
+    assert sample["prompt_mask"].sum(1).tolist() == [len(p) for p in prompts]  # left-padded to one width
     for row, prompt in enumerate(p for p in prompts for _ in range(3)):
         alone = model.generate(torch.tensor([prompt]), 6, temperature=0, eos_id=stop)[0, len(prompt):]
         n = int(sample["completion_mask"][row].sum())
-        assert sample["input_ids"][row, width:width + n].tolist() == alone[:n].tolist()
-        assert sample["attention_mask"][row, :width].sum() == len(prompt)
+        assert sample["completion_ids"][row, :n].tolist() == alone[:n].tolist()
         assert n == len(alone) or alone[n - 1].item() in stop  # the mask ends at the first stop token
+
+
+def test_several_samples_of_a_prompt_read_it_once_and_sample_as_separate_rows(tokenizer):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY_MODEL, "max_seq_len": 40})).eval()
+    prompts = torch.randint(0, tokenizer.vocab_size, (2, 7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    generator = torch.Generator().manual_seed(1)
+    shared = model.generate(prompts, 5, temperature=1.0, attention_mask=mask, num_samples=3, generator=generator)
+    generator.manual_seed(1)
+    repeated = model.generate(prompts.repeat_interleave(3, 0), 5, temperature=1.0,
+                              attention_mask=mask.repeat_interleave(3, 0), generator=generator)
+    assert torch.equal(shared, repeated)  # the same draws from the same distributions, prompt read once
+    assert len({tuple(row) for row in shared[:3, 7:].tolist()}) > 1  # the three samples of a prompt differ
 
 
 def test_completion_logps_are_each_completion_scored_alone(tokenizer):
@@ -92,17 +113,23 @@ def test_completion_logps_are_each_completion_scored_alone(tokenizer):
     torch.nn.init.normal_(model.value_head.weight)
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
                for text in ("Tom has a ball.", "Mia has a red kite. What is it?")]
-    sample = sample_completions(model, prompts, 2, 6, [tokenizer.im_end_id], tokenizer.pad_id)
-    with torch.no_grad():
-        logps, values = completion_logps(model, sample, with_values=True)
-        width = sample["input_ids"].shape[1] - sample["completion_mask"].shape[1]
-        for row, prompt in enumerate(p for p in prompts for _ in range(2)):
-            n = int(sample["completion_mask"][row].sum())
-            ids = torch.tensor([prompt + sample["input_ids"][row, width:width + n].tolist()])
-            logits, alone = model(ids, with_values=True)
-            expected = logits[0, len(prompt) - 1:-1].log_softmax(-1).gather(1, ids[0, len(prompt):, None])[:, 0]
-            torch.testing.assert_close(logps[row, :n], expected, atol=1e-5, rtol=0)
-            torch.testing.assert_close(values[row, :n], alone[0, len(prompt) - 1:-1], atol=1e-5, rtol=0)
+    sample = sample_completions(model, prompts, 3, 6, [tokenizer.im_end_id], tokenizer.pad_id)
+    # Each prompt once, its completions after it in the same row (pack_groups), against each completion alone.
+    logps, values = completion_logps(model, {**pack_groups(sample), **sample}, with_values=True)
+    ((logps + values) * sample["completion_mask"]).sum().backward()
+    shared_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for row, prompt in enumerate(p for p in prompts for _ in range(3)):
+        n = int(sample["completion_mask"][row].sum())
+        ids = torch.tensor([prompt + sample["completion_ids"][row, :n].tolist()])
+        logits, alone = model(ids, with_values=True)
+        expected = logits[0, len(prompt) - 1:-1].log_softmax(-1).gather(1, ids[0, len(prompt):, None])[:, 0]
+        torch.testing.assert_close(logps[row, :n], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(values[row, :n], alone[0, len(prompt) - 1:-1], atol=1e-5, rtol=0)
+        # The gradients reach the shared prompt's tokens as they do from each completion alone.
+        (expected + alone[0, len(prompt) - 1:-1]).sum().backward()
+    for shared, alone in zip(shared_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(shared, alone, atol=1e-5, rtol=1e-4)
 
 
 def test_prompt_data_keep_the_first_question_and_count_the_prompts_that_do_not_fit(tmp_path, tokenizer):
@@ -229,12 +256,15 @@ def test_groups_with_equal_rewards_are_left_out_of_training_only_when_asked(rl_s
     rewards = torch.tensor([1., 1., 1., 1., 0., 1., 0., 0., 0., 0., 0., 0., 1., 0., 1., 0.])  # groups 0 and 2 equal
     batches = trainer.make_batches(sample, rewards, {})
     assert len(batches) == 2 and all(b["rollout/frac_reward_zero_std"] == 0.5 for b in batches)
-    rows = torch.cat([b["input_ids"] for b in batches])
+    rows = torch.cat([b["completion_ids"] for b in batches])
+    prompts_trained = torch.cat([b["input_ids"][:, :sample["prompt_ids"].shape[1]] for b in batches])
     advantages = torch.cat([b["advantages"] for b in batches])
     if skip:  # the 8 replies of groups 1 and 3, in order, and no zero advantage among them
-        assert torch.equal(rows, sample["input_ids"][[4, 5, 6, 7, 12, 13, 14, 15]]) and (advantages != 0).all()
+        assert torch.equal(rows, sample["completion_ids"][[4, 5, 6, 7, 12, 13, 14, 15]]) and (advantages != 0).all()
+        assert torch.equal(prompts_trained, sample["prompt_ids"][[1, 3]])
     else:
-        assert torch.equal(rows, sample["input_ids"]) and (advantages == 0).sum() == 8
+        assert torch.equal(rows, sample["completion_ids"]) and (advantages == 0).sum() == 8
+        assert torch.equal(prompts_trained, sample["prompt_ids"])
 
 
 def test_bad_settings_fail_with_one_line(rl_setup):
