@@ -138,7 +138,7 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {length} tokens is longer than max_seq_len {self.config.max_seq_len}")
         mask = None
         if cache is not None and positions is not None:  # rows at positions of their own (continuous batching)
-            mask = position_mask(positions, int(positions.max()) + 1)
+            mask = position_mask(positions, length)
         elif attention_mask is not None or segment_ids is not None or branch_ids is not None:
             mask = build_attention_mask(T, start + T, idx.device, attention_mask, segment_ids, branch_ids)
         if cache is not None:

@@ -8,10 +8,11 @@
                  GAE (train_ppo.py)
 
 GRPO and PPO share the rollout (RolloutTrainer): the prompts of an optimizer step are sampled in one left-padded
-batch through GPT.generate (its padding mask and KV cache), the completions are rewarded (the expected answer, a
-small bonus for ending the reply, a reward model), and the result is cut into micro-batches that the loop trains
-on like any other stage's. Bad rewards (a reward function that raises or returns NaN or inf) are counted and their
-completions left out, never turned into a NaN step.
+batch through GPT.generate (its padding mask and KV cache, each prompt read once for all its completions), the
+completions are rewarded (the expected answer, a small bonus for ending the reply, a reward model), and the result
+is cut into micro-batches that the loop trains on like any other stage's: rows that hold each prompt once, followed
+by its completions (pack_groups). Bad rewards (a reward function that raises or returns NaN or inf) are counted
+and their completions left out, never turned into a NaN step.
 """
 
 import math
