@@ -218,7 +218,8 @@ class GPT(nn.Module):
             # The cache and the step input together are the last cache.pos + len(step_input) tokens of seq.
             mask = None if seq_mask is None else seq_mask[:, -(cache.pos + step_input.shape[1]):]
             forward = self.decode_step if self.decode_step and step_input.shape[1] == 1 else self
-            logits = forward(step_input, attention_mask=mask, cache=cache)[:, -1, :].float()
+            # Only the last position's logits: a prompt's other positions would each cost a (vocab x dim) product.
+            logits = forward(step_input, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1, :].float()
             if num_samples > 1 and len(seq) == len(idx):  # after the prefill: num_samples rows for each prompt
                 logits, seq = logits.repeat_interleave(num_samples, 0), seq.repeat_interleave(num_samples, 0)
                 seq_mask = None if seq_mask is None else seq_mask.repeat_interleave(num_samples, 0)
