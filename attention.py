@@ -162,6 +162,11 @@ class KVCache:
         self.k = [k.repeat_interleave(n, dim=0) for k in self.k]
         self.v = [v.repeat_interleave(n, dim=0) for v in self.v]
 
+    def keep_rows(self, keep: torch.Tensor) -> None:
+        """Only the rows where keep (B,) is True from now on (generation drops the rows that have finished)."""
+        self.k = [k[keep] for k in self.k]
+        self.v = [v[keep] for v in self.v]
+
     def rows(self, start: int, stop: int) -> "KVCache":
         """The cache of rows start:stop (sequences) only, sharing this one's storage: writes land here too."""
         view = copy.copy(self)

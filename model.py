@@ -198,7 +198,8 @@ class GPT(nn.Module):
         The model sees at most the last max_seq_len tokens: a longer prompt is cut from the left, and when
         the context fills up it slides (each step re-reads the last max_seq_len tokens), as nanoGPT's crop does.
         Stops after max_new_tokens or when every row has produced an eos_id (rows that finished early keep
-        receiving eos). The repetition penalty looks at the whole prompt and everything generated.
+        receiving eos, and are no longer computed once they are most of the batch). The repetition penalty looks at
+        the whole prompt and everything generated.
         attention_mask (B, T) marks the real prompt tokens (0 = padding, for left-padded batches of prompts).
         num_samples: continuations of each prompt, in rows b * num_samples .. (b + 1) * num_samples - 1; the prompt
         is processed once and its cache copied to them (GRPO samples a group of replies to each question).
@@ -210,13 +211,14 @@ class GPT(nn.Module):
         # otherwise allocate gigabytes of cache for a short reply.
         cache = self.new_kv_cache(idx.shape[0], min(window, idx.shape[1] + max_new_tokens))
         finished = torch.zeros(idx.shape[0], 1, dtype=torch.bool, device=idx.device)
+        live = torch.arange(idx.shape[0], device=idx.device)  # the rows still computed (see the end of the loop)
         seq, step_input, seq_mask = idx, idx[:, -window:], attention_mask
         for _ in range(max_new_tokens):
             if cache.pos + step_input.shape[1] > window:
                 cache.pos = 0  # the context is full: refill the same buffers with the newest tokens
-                step_input = seq[:, -window:]
+                step_input = seq[live, -window:]
             # The cache and the step input together are the last cache.pos + len(step_input) tokens of seq.
-            mask = None if seq_mask is None else seq_mask[:, -(cache.pos + step_input.shape[1]):]
+            mask = None if seq_mask is None else seq_mask[live, -(cache.pos + step_input.shape[1]):]
             forward = self.decode_step if self.decode_step and step_input.shape[1] == 1 else self
             # Only the last position's logits: a prompt's other positions would each cost a (vocab x dim) product.
             logits = forward(step_input, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1, :].float()
@@ -224,18 +226,27 @@ class GPT(nn.Module):
                 logits, seq = logits.repeat_interleave(num_samples, 0), seq.repeat_interleave(num_samples, 0)
                 seq_mask = None if seq_mask is None else seq_mask.repeat_interleave(num_samples, 0)
                 finished = finished.repeat_interleave(num_samples, 0)
+                live = torch.arange(len(seq), device=idx.device)
                 cache.repeat_rows(num_samples)
-            logits = apply_repetition_penalty(logits, seq, repetition_penalty)
-            token = sample_next(logits, temperature, top_k, top_p, generator)
+            logits = apply_repetition_penalty(logits, seq[live], repetition_penalty)
+            token = torch.zeros_like(finished, dtype=torch.long)
+            token[live] = sample_next(logits, temperature, top_k, top_p, generator)
             if len(eos):
                 token = torch.where(finished, eos[0], token)
                 finished |= torch.isin(token, eos)
             yield token
             if finished.all():
                 return
-            seq, step_input = torch.cat([seq, token], dim=1), token
+            seq = torch.cat([seq, token], dim=1)
             if seq_mask is not None:
                 seq_mask = torch.cat([seq_mask, torch.ones_like(token)], dim=1)
+            # Finished rows only receive eos: once they are most of the rows computed, drop them from the batch
+            # (and their cache), so that one long reply does not keep a whole batch of finished ones running.
+            if finished[live].float().mean() > 0.5:
+                keep = ~finished[live, 0]
+                live = live[keep]
+                cache.keep_rows(keep)
+            step_input = token[live]
 
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, repetition_penalty: float = 1.0, eos_id: int | list[int] | None = None,

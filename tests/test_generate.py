@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from attention import KVCache
 from configs import ModelConfig
 from model import GPT
 from sampling import apply_repetition_penalty, filter_top_k, filter_top_p, sample_next
@@ -43,6 +44,29 @@ def test_generation_stops_at_eos():
     assert model.generate(prompt, max_new_tokens=10, temperature=0, eos_id=first).shape[1] == 6
     assert model.generate(prompt, max_new_tokens=10, temperature=0, eos_id=[7, first]).shape[1] == 6
     assert model.generate(prompt, max_new_tokens=10, temperature=0).shape[1] == 15
+
+
+def test_rows_that_stop_early_are_dropped_and_the_others_generate_as_before(monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**SMALL)).eval()
+    with torch.no_grad():  # large weights: varied tokens, which a misplaced cache row would change
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    prompt = torch.randint(0, 300, (8, 5))
+    free = model.generate(prompt, 12, temperature=0)[:, 5:]
+    stops = free[:6, 1].unique().tolist()  # six of the eight rows stop by their second token: the batch shrinks
+    kept = []
+    monkeypatch.setattr(KVCache, "keep_rows", lambda cache, keep, original=KVCache.keep_rows: (
+        kept.append(int(keep.sum())), original(cache, keep)))
+    got = model.generate(prompt, 12, temperature=0, eos_id=stops)[:, 5:]
+    ends = []
+    for row in range(8):
+        hits = [i for i, t in enumerate(free[row].tolist()) if t in stops]
+        ends.append(hits[0] + 1 if hits else 12)
+        assert torch.equal(got[row, :ends[-1]], free[row, :ends[-1]])  # what it would generate in the whole batch
+        assert set(got[row, ends[-1]:].tolist()) <= {stops[0]}  # then only eos
+    assert kept and kept[0] < 8 and max(ends) > 3  # rows were dropped, and the others went on
 
 
 def test_stream_yields_the_same_tokens_one_at_a_time():
