@@ -615,8 +615,10 @@ class RolloutConfig(RolloutOptions, AlignOptions, FineTuneOptions, TrainConfig):
 class GRPOConfig(RolloutConfig):
     """Group relative policy optimisation (train_grpo.py): the SFT model rewarded for correct answers."""
 
-    batch_size: int = 8
-    max_steps: int = 300  # about 7 minutes on 2 cores with the tiny model (README)
+    batch_size: int = 32
+    max_steps: int = 400  # about 7 minutes on 2 cores with the tiny model (README)
+    lr: float = 2e-4
+    beta: float = 0.04  # a KL anchor to the SFT model: lr 3e-4 without it gave 65.8%, with it 68.7% (README)
     eval_interval: int = 100
     epsilon_high: float | None = option("upper clip of the ratio, 1 + epsilon_high (DAPO's clip-higher); None = "
                                         "epsilon", default=None)
