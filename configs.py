@@ -616,7 +616,7 @@ class GRPOConfig(RolloutConfig):
     """Group relative policy optimisation (train_grpo.py): the SFT model rewarded for correct answers."""
 
     batch_size: int = 32
-    max_steps: int = 400  # about 7 minutes on 2 cores with the tiny model (README)
+    max_steps: int = 400  # about 6 minutes on 2 cores with the tiny model (README)
     lr: float = 2e-4
     beta: float = 0.04  # a KL anchor to the SFT model: lr 3e-4 without it gave 65.8%, with it 68.7% (README)
     eval_interval: int = 100
