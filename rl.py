@@ -124,10 +124,18 @@ def sample_completions(model: GPT, prompts: list[list[int]], num_generations: in
             "completion_mask": completion_mask}
 
 
+# A sample's tensors with a row per prompt; the others have a row per completion.
+PROMPT_KEYS = ("prompt_ids", "prompt_mask")
+
+
+def group_size(sample: dict[str, torch.Tensor]) -> int:
+    """Completions per prompt in a sample (or a micro-batch of pack_groups' rows: one row per prompt)."""
+    return len(sample["completion_ids"]) // len(sample["prompt_ids" if "prompt_ids" in sample else "input_ids"])
+
+
 def full_rows(sample: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and attention_mask (N, W + C): each completion after its own copy of its prompt."""
-    group = len(sample["completion_ids"]) // len(sample["prompt_ids"])
-    prompt_ids, prompt_mask = (sample[k].repeat_interleave(group, 0) for k in ("prompt_ids", "prompt_mask"))
+    prompt_ids, prompt_mask = (sample[k].repeat_interleave(group_size(sample), 0) for k in PROMPT_KEYS)
     return (torch.cat([prompt_ids, sample["completion_ids"]], 1),
             torch.cat([prompt_mask, sample["completion_mask"]], 1))
 
@@ -142,8 +150,8 @@ def pack_groups(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     and positions, all (P, W + G * C).
     """
     prompt_ids, prompt_mask = sample["prompt_ids"], sample["prompt_mask"]
-    (P, W), (N, C) = prompt_ids.shape, sample["completion_ids"].shape
-    G, device = N // P, prompt_ids.device
+    (P, W), C, G = prompt_ids.shape, sample["completion_ids"].shape[1], group_size(sample)
+    device = prompt_ids.device
     branches = torch.arange(G + 1, device=device).repeat_interleave(torch.tensor([W] + [C] * G, device=device))
     positions = torch.cat([torch.arange(W, device=device), W + torch.arange(C, device=device).repeat(G)])
     return {"input_ids": torch.cat([prompt_ids, sample["completion_ids"].reshape(P, G * C)], 1),
@@ -151,13 +159,9 @@ def pack_groups(sample: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             "branch_ids": branches.expand(P, -1), "positions": positions.expand(P, -1)}
 
 
-# A sample's tensors with a row per prompt; the others have a row per completion.
-PROMPT_KEYS = ("prompt_ids", "prompt_mask")
-
-
 def select_groups(sample: dict[str, torch.Tensor], groups: torch.Tensor) -> dict[str, torch.Tensor]:
     """The prompts numbered in groups and their completions' rows."""
-    size = len(sample["completion_ids"]) // len(sample["prompt_ids"])
+    size = group_size(sample)
     rows = (groups[:, None] * size + torch.arange(size, device=groups.device)).view(-1)
     return {k: v[groups] if k in PROMPT_KEYS else v[rows] for k, v in sample.items()}
 
@@ -165,7 +169,7 @@ def select_groups(sample: dict[str, torch.Tensor], groups: torch.Tensor) -> dict
 def completion_logps(model: GPT, batch: dict[str, torch.Tensor], with_values: bool = False):
     """Log-probabilities (N, C) of the completion tokens under model, from pack_groups' rows; with_values, also
     the value head's values (N, C) at the positions that predict them (the states the tokens act from)."""
-    (N, C), G = batch["completion_ids"].shape, len(batch["completion_ids"]) // len(batch["input_ids"])
+    (N, C), G = batch["completion_ids"].shape, group_size(batch)
     # The logits of the prompt's last token (which predicts every completion's first) and of all completion tokens.
     out = model(batch["input_ids"], attention_mask=batch["attention_mask"], branch_ids=batch["branch_ids"],
                 positions=batch["positions"], logits_to_keep=G * C + 1, with_values=with_values)

@@ -69,6 +69,20 @@ def test_rows_that_stop_early_are_dropped_and_the_others_generate_as_before(monk
     assert kept and kept[0] < 8 and max(ends) > 3  # rows were dropped, and the others went on
 
 
+def test_several_samples_of_a_prompt_read_it_once_and_sample_as_separate_rows():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**SMALL)).eval()
+    prompts = torch.randint(0, 300, (2, 7))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    generator = torch.Generator().manual_seed(1)
+    shared = model.generate(prompts, 5, temperature=1.0, attention_mask=mask, num_samples=3, generator=generator)
+    generator.manual_seed(1)
+    repeated = model.generate(prompts.repeat_interleave(3, 0), 5, temperature=1.0,
+                              attention_mask=mask.repeat_interleave(3, 0), generator=generator)
+    assert torch.equal(shared, repeated)  # the same draws from the same distributions, prompt read once
+    assert len({tuple(row) for row in shared[:3, 7:].tolist()}) > 1  # the three samples of a prompt differ
+
+
 def test_stream_yields_the_same_tokens_one_at_a_time():
     torch.manual_seed(0)
     model = GPT(ModelConfig(**SMALL)).eval()

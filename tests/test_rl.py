@@ -92,20 +92,6 @@ def test_completions_are_sampled_in_one_left_padded_batch_as_each_prompt_alone(t
         assert n == len(alone) or alone[n - 1].item() in stop  # the mask ends at the first stop token
 
 
-def test_several_samples_of_a_prompt_read_it_once_and_sample_as_separate_rows(tokenizer):
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY_MODEL, "max_seq_len": 40})).eval()
-    prompts = torch.randint(0, tokenizer.vocab_size, (2, 7))
-    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
-    generator = torch.Generator().manual_seed(1)
-    shared = model.generate(prompts, 5, temperature=1.0, attention_mask=mask, num_samples=3, generator=generator)
-    generator.manual_seed(1)
-    repeated = model.generate(prompts.repeat_interleave(3, 0), 5, temperature=1.0,
-                              attention_mask=mask.repeat_interleave(3, 0), generator=generator)
-    assert torch.equal(shared, repeated)  # the same draws from the same distributions, prompt read once
-    assert len({tuple(row) for row in shared[:3, 7:].tolist()}) > 1  # the three samples of a prompt differ
-
-
 def test_completion_logps_are_each_completion_scored_alone(tokenizer):
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=tokenizer.vocab_size, **{**TINY_MODEL, "max_seq_len": 40})).eval()
